@@ -1,0 +1,1 @@
+"""Drivers shipped with qnoded (simulated and real I/O)."""

@@ -1,0 +1,1 @@
+"""Simulated backends: the physics of a QKD link, seeded and reproducible."""

@@ -1,0 +1,159 @@
+"""Simulated single-photon detectors: a gated InGaAs SPAD and a free-running SNSPD.
+
+Control and state live here (bias, temperature, latch); the clicks they make
+come from the link model, which reads each detector's physics at every batch,
+so a latched detector goes blind at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+from qnoded.contracts import DetectorStatus, DeviceKind, DriverContext
+from qnoded_drivers.sim.common import detector_table, shared_link
+from qnoded_drivers.sim.link import DetectorPhysics
+
+_KEYS = (
+    "channel",
+    "efficiency",
+    "dark_count_rate_hz",
+    "dead_time_ps",
+    "afterpulse_probability",
+    "afterpulse_decay_ps",
+    "jitter_ps",
+    "bias_v",
+    "temperature_k",
+)
+
+
+class _SimDetector:
+    kind: ClassVar[DeviceKind] = DeviceKind.DETECTOR
+    defaults: ClassVar[dict[str, float]]
+    gated: ClassVar[bool]
+
+    def __init__(self, name: str, options: Mapping[str, Any], context: DriverContext) -> None:
+        unknown = set(options) - set(_KEYS)
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)}; valid: {', '.join(_KEYS)}")
+        if "channel" not in options:
+            raise ValueError("option 'channel' (the tagger input this detector feeds) is required")
+        values = dict(self.defaults) | {k: v for k, v in options.items() if k != "channel"}
+        for key, value in values.items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"option {key!r} must be a non-negative number, got {value!r}")
+        channel = options["channel"]
+        if not isinstance(channel, int) or not 0 <= channel < 64:
+            raise ValueError(f"option 'channel' must be an integer 0..63, got {channel!r}")
+        if not 0 < values["efficiency"] <= 1:
+            raise ValueError(f"option 'efficiency' must be in (0, 1], got {values['efficiency']}")
+        self.name = name
+        self._channel = channel
+        self._v = values
+        self._latched = False
+        self.count_rate_hz = 0.0
+        table = detector_table(context)
+        if channel in table:
+            raise ValueError(f"channel {channel} already has detector {table[channel].name!r}")
+        table[channel] = self
+        self._link = shared_link(context)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def ping(self) -> bool:
+        return True
+
+    def describe(self) -> Mapping[str, Any]:
+        return {
+            "driver": type(self).__name__,
+            "channel": self._channel,
+            "mode": "gated" if self.gated else "free-running",
+        } | dict(self._v)
+
+    @property
+    def channel(self) -> int:
+        return self._channel
+
+    def physics(self) -> DetectorPhysics:
+        v = self._v
+        return DetectorPhysics(
+            channel=self._channel,
+            efficiency=float(v["efficiency"]),
+            dark_count_rate_hz=float(v["dark_count_rate_hz"]),
+            dead_time_ps=int(v["dead_time_ps"]),
+            afterpulse_probability=float(v["afterpulse_probability"]),
+            afterpulse_decay_ps=int(v["afterpulse_decay_ps"]),
+            jitter_ps=float(v["jitter_ps"]),
+            gated=self.gated,
+            latched=self._latched,
+        )
+
+    async def set_bias(self, volts: float) -> None:
+        if volts < 0:
+            raise ValueError(f"{self.name}: bias must be >= 0 V, got {volts}")
+        self._v["bias_v"] = float(volts)
+
+    async def status(self) -> DetectorStatus:
+        v = self._v
+        return DetectorStatus(
+            name=self.name,
+            channel=self._channel,
+            mode="gated" if self.gated else "free-running",
+            bias_v=float(v["bias_v"]),
+            efficiency=float(v["efficiency"]),
+            dead_time_ps=int(v["dead_time_ps"]),
+            temperature_k=float(v["temperature_k"]),
+            latched=self._latched,
+            count_rate_hz=self.count_rate_hz,
+            dark_count_rate_hz=float(v["dark_count_rate_hz"]),
+        )
+
+    def latch(self) -> None:
+        """Fault injection: the detector latches (an SNSPD leaves superconductivity)."""
+        self._latched = True
+
+    async def reset_latch(self) -> bool:
+        self._latched = False
+        return True
+
+
+class SimSPAD(_SimDetector):
+    """InGaAs SPAD, gated at the pulse slots (dark clicks fall in gates)."""
+
+    gated = True
+    defaults: ClassVar[dict[str, float]] = {
+        "efficiency": 0.10,
+        "dark_count_rate_hz": 1000.0,
+        "dead_time_ps": 1_000_000,
+        "afterpulse_probability": 0.02,
+        "afterpulse_decay_ps": 2_000_000,
+        "jitter_ps": 350.0,
+        "bias_v": 70.0,
+        "temperature_k": 223.0,
+    }
+
+
+class SimSNSPD(_SimDetector):
+    """Superconducting nanowire detector, free running."""
+
+    gated = False
+    defaults: ClassVar[dict[str, float]] = {
+        "efficiency": 0.85,
+        "dark_count_rate_hz": 100.0,
+        "dead_time_ps": 50_000,
+        "afterpulse_probability": 0.0,
+        "afterpulse_decay_ps": 1000,
+        "jitter_ps": 30.0,
+        "bias_v": 1.2,
+        "temperature_k": 2.5,
+    }

@@ -1,0 +1,118 @@
+"""Simulated pulsed source with intensity and polarisation modulators (Alice, BB84)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from qnoded.contracts import DeviceKind, DriverContext, EmissionRecord, IntensityClass, LaserMode
+from qnoded_drivers.sim.common import shared_link
+
+CHUNK = 1 << 22  # slots per vectorised step: bounds memory for long ranges
+
+
+class SimLaser:
+    """Alice's source; her choices are the link's counter-based QRNG stream.
+
+    The emission schedule (sync pattern first, then decoy-state BB84) is the
+    shared ``[simulation]`` table's ``sync_duration_ps``, because Bob's process
+    must derive the same photons; ``set_mode`` records what the node asked for.
+    """
+
+    kind: ClassVar[DeviceKind] = DeviceKind.LASER
+
+    def __init__(self, name: str, options: Mapping[str, Any], context: DriverContext) -> None:
+        if options:
+            raise ValueError(
+                f"unknown option(s) {sorted(options)}: the sim laser takes its "
+                "settings from [simulation]"
+            )
+        self.name = name
+        self._link = shared_link(context)
+        self.mode = LaserMode.SYNC
+        self.output = False
+        self._open = False
+
+    async def __aenter__(self) -> Self:
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.output = False
+        self._open = False
+
+    async def ping(self) -> bool:
+        return self._open
+
+    def describe(self) -> Mapping[str, Any]:
+        p = self._link.p
+        return {
+            "driver": "sim-laser",
+            "pulse_rate_hz": p.pulse_rate_hz,
+            "mu_signal": p.mu_signal,
+            "mu_decoy": p.mu_decoy,
+            "mode": str(self.mode),
+        }
+
+    @property
+    def pulse_rate_hz(self) -> float:
+        return 1e12 / self._link.p.period_ps
+
+    @property
+    def period_ps(self) -> int:
+        return self._link.p.period_ps
+
+    @property
+    def intensities(self) -> Mapping[IntensityClass, float]:
+        p = self._link.p
+        return {
+            IntensityClass.SIGNAL: p.mu_signal,
+            IntensityClass.DECOY: p.mu_decoy,
+            IntensityClass.VACUUM: 0.0,
+            IntensityClass.SYNC: p.mu_signal,
+        }
+
+    @property
+    def class_probabilities(self) -> Mapping[IntensityClass, float]:
+        p = self._link.p
+        return {
+            IntensityClass.SIGNAL: p.p_signal,
+            IntensityClass.DECOY: p.p_decoy,
+            IntensityClass.VACUUM: 1.0 - p.p_signal - p.p_decoy,
+        }
+
+    async def set_mode(self, mode: LaserMode) -> None:
+        self.mode = LaserMode(mode)
+
+    async def set_output(self, enabled: bool) -> None:
+        self.output = bool(enabled)
+
+    def sync_slots(self, first_slot: int, n_slots: int) -> npt.NDArray[np.int64]:
+        return self._link.sync_slots(first_slot, n_slots)
+
+    def emissions(self, first_slot: int, n_slots: int) -> EmissionRecord:
+        basis, bit, cls = self._link.choices(
+            np.arange(first_slot, first_slot + n_slots, dtype=np.int64)
+        )
+        return EmissionRecord(first_slot=first_slot, basis=basis, bit=bit, intensity=cls)
+
+    def choices_at(self, slots: npt.NDArray[np.int64]) -> EmissionRecord:
+        basis, bit, cls = self._link.choices(np.asarray(slots, dtype=np.int64))
+        return EmissionRecord(first_slot=-1, basis=basis, bit=bit, intensity=cls)
+
+    def count_classes(self, first_slot: int, n_slots: int) -> npt.NDArray[np.int64]:
+        counts = np.zeros(len(IntensityClass), dtype=np.int64)
+        for lo in range(first_slot, first_slot + n_slots, CHUNK):
+            hi = min(first_slot + n_slots, lo + CHUNK)
+            _, _, cls = self._link.choices(np.arange(lo, hi, dtype=np.int64))
+            counts += np.bincount(cls, minlength=len(IntensityClass))[: len(IntensityClass)]
+        return counts

@@ -1,0 +1,3 @@
+from qnoded.cli import main
+
+raise SystemExit(main())

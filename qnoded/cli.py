@@ -1,0 +1,101 @@
+"""The ``qnoded`` command: run, check-config, drivers, demo.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from qnoded import __version__
+from qnoded.config import ConfigError, load_config
+from qnoded.devices import DeviceManager
+from qnoded.logs import configure_logging
+from qnoded.registry import RegistryError, discover
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+# A node that has not stopped this long after SIGTERM is stuck; systemd's
+# TimeoutStopSec is the backstop, this is ours.
+SHUTDOWN_GRACE_S = 4.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qnoded", description="Control daemon for QKD nodes.")
+    p.add_argument("--version", action="version", version=f"qnoded {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one node")
+    run.add_argument("--config", required=True, help="node TOML file")
+    chk = sub.add_parser("check-config", help="validate a node config and exit")
+    chk.add_argument("file")
+    sub.add_parser("drivers", help="list installed drivers and where they come from")
+    demo = sub.add_parser("demo", help="two simulated nodes making key over MQTT")
+    from qnoded.demo import add_arguments
+
+    add_arguments(demo)
+    return p
+
+
+async def _run(config_path: str) -> int:
+    from qnoded.node import run_node
+
+    config = load_config(config_path)
+    registry = discover()
+    DeviceManager(config, registry).check()
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await run_node(config, registry)
+    except asyncio.CancelledError:
+        structlog.get_logger("qnoded").info("stopped by signal")
+        return 0
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    fmt = {"auto": None, "json": True, "console": False}[args.log_format]
+    configure_logging(args.log_level, json=fmt)
+    log = structlog.get_logger("qnoded")
+    try:
+        if args.command == "check-config":
+            config = load_config(args.file)
+            DeviceManager(config, discover()).check()
+            print(
+                f"{args.file}: ok ({config.node.role}, {config.node.protocol}, "
+                f"{len(config.devices)} devices)"
+            )
+            return 0
+        if args.command == "drivers":
+            for name, info in discover().items():
+                print(f"{name:16} {info.kind!s:12} {info.target}  (from {info.distribution})")
+            return 0
+        if args.command == "run":
+            return asyncio.run(_run(args.config))
+        if args.command == "demo":
+            from qnoded.demo import run_demo
+
+            return run_demo(args)
+    except ConfigError as exc:
+        print(f"qnoded: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except RegistryError as exc:
+        print(f"qnoded: driver registry error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:
+        log.exception("fatal", error=str(exc))
+        return EXIT_RUNTIME
+    return EXIT_CONFIG

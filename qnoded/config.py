@@ -1,0 +1,290 @@
+"""Node configuration: one TOML file, validated completely before anything starts.
+
+Every mistake is reported as a :class:`ConfigError` that names the file, the
+key and how to fix it, so an operator reading ``journalctl`` knows what to
+change.  Units live in key names (``_ps``, ``_hz``, ``_s``, ``_km``); a key
+with the wrong unit suffix is an unknown key, and the error suggests the
+right one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+Role = Literal["alice", "bob"]
+Protocol = Literal["bb84", "bbm92"]
+
+
+class ConfigError(Exception):
+    """A configuration mistake: where it is, what is wrong and how to fix it."""
+
+    def __init__(self, source: str, key: str, problem: str, fix: str = "") -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        text = f"{source}: {key}: {problem}"
+        if fix:
+            text += f" (fix: {fix})"
+        super().__init__(text)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSection:
+    id: str
+    role: Role
+    protocol: Protocol = "bb84"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSection:
+    """The classical channel: Alice listens, Bob connects."""
+
+    peer_id: str
+    listen: str = ""
+    connect: str = ""
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSection:
+    broker: str = "127.0.0.1:1883"
+    telemetry_interval_s: float = 1.0
+    username: str = ""
+    password_file: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TimingSection:
+    """Offset lock and tracking between the two nodes' clocks."""
+
+    max_offset_ps: int = 2_000_000_000
+    resolution_ps: int = 50
+    coincidence_window_ps: int = 2_000
+    lock_min_snr: float = 6.0
+    lock_min_events: int = 400
+    lock_max_duration_ps: int = 5_000_000_000_000
+    track_gain: float = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class SiftingSection:
+    qber_sample_fraction: float = 0.1
+    qber_alarm_threshold: float = 0.11
+    max_batches_in_flight: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class StateSection:
+    directory: str = "/var/lib/qnoded"
+    # Demo and validation only: append sifted bits to a file in the state
+    # directory so two nodes' keys can be compared.  Key material on disk, so off
+    # by default.
+    record_sifted_bits: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """One row of the device table: a name, a driver and its options."""
+
+    name: str
+    driver: str
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    source: str
+    node: NodeSection
+    peer: PeerSection
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    timing: TimingSection = field(default_factory=TimingSection)
+    sifting: SiftingSection = field(default_factory=SiftingSection)
+    state: StateSection = field(default_factory=StateSection)
+    devices: tuple[DeviceSpec, ...] = ()
+    simulation: Mapping[str, Any] | None = None
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "node": NodeSection,
+    "peer": PeerSection,
+    "mqtt": MqttSection,
+    "timing": TimingSection,
+    "sifting": SiftingSection,
+    "state": StateSection,
+}
+_FREE_TABLES = ("devices", "simulation")
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return "valid keys: " + ", ".join(sorted(options))
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(source: str, key: str, tp: Any, value: Any) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(source, key, f"{value!r} is not allowed", "use " + _type_name(tp))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"union fields are not supported in config ({key})")
+    # bool is an int in Python; TOML keeps them apart and so do we.
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(
+            source,
+            key,
+            f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}",
+            f"write {key.rsplit('.', 1)[-1]} as {_type_name(tp)}",
+        )
+    if tp is float:
+        return float(value)
+    return value
+
+
+def _section(source: str, name: str, cls: type[Any], table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(source, f"[{name}]", "must be a table", f"write it as [{name}]")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(source, f"[{name}] {key}", "unknown key", _suggest(key, list(fields)))
+        values[key] = _coerce(source, f"[{name}] {key}", hints[key], value)
+    for fname, f in fields.items():
+        missing_default = (
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+        if missing_default and fname not in values:
+            raise ConfigError(
+                source, f"[{name}] {fname}", "is required", f"add {fname} = ... under [{name}]"
+            )
+    for key, value in values.items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(source, f"[{name}] {key}", f"must not be negative, got {value}")
+    return cls(**values)
+
+
+def _hostport(source: str, key: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(source, key, f"{value!r} is not HOST:PORT", "e.g. 127.0.0.1:7001")
+
+
+def parse_config(text: str, source: str = "<config>") -> NodeConfig:  # noqa: PLR0912 - one check per rule reads best flat
+    """Parse and validate a node configuration from TOML text."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "TOML", str(exc), "check the syntax at that line") from exc
+    known = list(_SECTIONS) + list(_FREE_TABLES)
+    for key in raw:
+        if key not in known:
+            raise ConfigError(source, f"[{key}]", "unknown section", _suggest(key, known))
+    for required in ("node", "peer"):
+        if required not in raw:
+            raise ConfigError(source, f"[{required}]", "section is missing", f"add [{required}]")
+    sections = {
+        name: _section(source, name, cls, raw[name])
+        for name, cls in _SECTIONS.items()
+        if name in raw
+    }
+    node: NodeSection = sections["node"]
+    peer: PeerSection = sections["peer"]
+    if node.role == "alice" and not peer.listen:
+        raise ConfigError(
+            source, "[peer] listen", "Alice listens for Bob", "add listen = HOST:PORT"
+        )
+    if node.role == "bob" and not peer.connect:
+        raise ConfigError(
+            source, "[peer] connect", "Bob connects to Alice", "add connect = HOST:PORT"
+        )
+    for key in ("listen", "connect"):
+        if getattr(peer, key):
+            _hostport(source, f"[peer] {key}", getattr(peer, key))
+    mqtt: MqttSection = sections.get("mqtt", MqttSection())
+    _hostport(source, "[mqtt] broker", mqtt.broker)
+    if mqtt.telemetry_interval_s <= 0 or mqtt.telemetry_interval_s > 60:
+        raise ConfigError(
+            source,
+            "[mqtt] telemetry_interval_s",
+            "must be in (0, 60]",
+            "telemetry is at least 1/min",
+        )
+    sifting: SiftingSection = sections.get("sifting", SiftingSection())
+    if not 0.0 < sifting.qber_sample_fraction < 1.0:
+        raise ConfigError(source, "[sifting] qber_sample_fraction", "must be in (0, 1)")
+    if not 0.0 < sifting.qber_alarm_threshold <= 0.5:
+        raise ConfigError(source, "[sifting] qber_alarm_threshold", "must be in (0, 0.5]")
+    devices = _devices(source, raw.get("devices", {}))
+    simulation = raw.get("simulation")
+    if simulation is not None and not isinstance(simulation, dict):
+        raise ConfigError(source, "[simulation]", "must be a table")
+    return NodeConfig(
+        source=source,
+        devices=devices,
+        simulation=simulation,
+        **sections,
+    )
+
+
+def _devices(source: str, table: Any) -> tuple[DeviceSpec, ...]:
+    if not isinstance(table, dict):
+        raise ConfigError(source, "[devices]", "must be a table of tables", "[devices.NAME]")
+    specs = []
+    for name, body in table.items():
+        if not isinstance(body, dict):
+            raise ConfigError(
+                source, f"[devices.{name}]", "must be a table", f"write [devices.{name}]"
+            )
+        driver = body.get("driver")
+        if not isinstance(driver, str) or not driver:
+            raise ConfigError(
+                source,
+                f"[devices.{name}] driver",
+                "is required",
+                "name a driver listed by 'qnoded drivers'",
+            )
+        options = {k: v for k, v in body.items() if k != "driver"}
+        specs.append(DeviceSpec(name=name, driver=driver, options=options))
+    return tuple(specs)
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read and validate a config file; :class:`ConfigError` on any mistake."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), "file", f"cannot be read: {exc.strerror}") from exc
+    return parse_config(text, source=str(p))

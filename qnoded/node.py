@@ -1,0 +1,525 @@
+"""One QKD node: devices, peer channel, sifting pipeline and telemetry, wired together.
+
+A :class:`Node` owns a ``TaskGroup`` of named loops.  Nothing here is fire
+and forget: every loop ends when the group is cancelled (SIGTERM/SIGINT), and
+the context managers around it close the peer link, the devices (in reverse
+order) and the MQTT publisher (which publishes ``stopped``).
+
+Failures are contained where they happen: a bad tag batch is rejected and
+counted, a failing tagger is reopened with backoff, a peer that sends garbage
+or disconnects is dropped and awaited again; meanwhile the node reports
+``degraded`` and raises an alarm.  No key is kept from a batch whose sifting
+did not complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from qnoded import kernel, peer
+from qnoded.config import NodeConfig
+from qnoded.contracts import DeviceKind, IntensityClass, Laser, LaserMode, TagBatch, TimeTagger
+from qnoded.devices import DeviceManager
+from qnoded.ingest import BatchError, BatchValidator
+from qnoded.mqtt import MqttSettings, TelemetryPublisher
+from qnoded.notify import Notifier
+from qnoded.registry import DriverInfo
+from qnoded.sifting import (
+    AliceEngine,
+    BobEngine,
+    KeyRecorder,
+    ProtocolError,
+    SiftStats,
+    scalar,
+)
+
+log = structlog.get_logger("qnoded.node")
+
+
+class PeerGone(Exception):  # noqa: N818 - an orderly goodbye, not an error
+    """The peer said goodbye: an orderly stop, not a fault."""
+
+
+# What a peer (or the network) can make happen; the session ends, the node
+# stays up.  ValueError and KeyError cover payloads that decode but do not fit.
+PEER_ERRORS = (
+    ValueError,
+    KeyError,
+    peer.FrameError,
+    ProtocolError,
+    ConnectionError,
+    TimeoutError,
+    EOFError,
+    asyncio.IncompleteReadError,
+)
+
+
+def _backoff(attempt: int, cap_s: float = 5.0) -> float:
+    """Jittered, capped exponential backoff (aiomqtt's pattern)."""
+    return random.uniform(0, min(cap_s, 0.1 * 1.5**attempt))
+
+
+def mqtt_settings(config: NodeConfig) -> MqttSettings:
+    m = config.mqtt
+    host, _, port = m.broker.rpartition(":")
+    password = None
+    if m.password_file:
+        password = Path(m.password_file).read_text(encoding="utf-8").strip()
+    return MqttSettings(
+        host=host,
+        port=int(port),
+        username=m.username or None,
+        password=password,
+        tls_ca=m.tls_ca or None,
+        tls_cert=m.tls_cert or None,
+        tls_key=m.tls_key or None,
+    )
+
+
+class Node:
+    """A running node; build with :func:`run_node`."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        devices: DeviceManager,
+        publisher: TelemetryPublisher,
+        link: peer.PeerLink,
+    ) -> None:
+        self.cfg = config
+        self.devices = devices
+        self.pub = publisher
+        self.link = link
+        self.role = config.node.role
+        self.stats = SiftStats()
+        state_dir = Path(config.state.directory)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = state_dir
+        record_path = state_dir / "sifted.bin"
+        record_path.unlink(missing_ok=True)  # a new run's record starts empty
+        recorder = KeyRecorder(str(record_path) if config.state.record_sifted_bits else None)
+        self.laser: Laser | None = None
+        self.tagger: TimeTagger | None = None
+        if config.node.protocol == "bb84" and self.role == "alice":
+            self.laser = devices.one(DeviceKind.LASER, Laser)
+        else:
+            self.tagger = devices.one(DeviceKind.TIME_TAGGER, TimeTagger)
+        self.alice: AliceEngine | None = None
+        self.bob: BobEngine | None = None
+        if self.role == "alice":
+            self.alice = AliceEngine(config, laser=self.laser, recorder=recorder, stats=self.stats)
+        else:
+            self.bob = BobEngine(config, recorder=recorder, stats=self.stats)
+        self.validator = BatchValidator(device=self.tagger.name if self.tagger else "")
+        self.state = "starting"
+        self._problems: dict[str, str] = {}
+        self._own_progress = asyncio.Condition()
+        self._reply = asyncio.Condition()
+        self._queue: asyncio.Queue[TagBatch] = asyncio.Queue(
+            maxsize=config.sifting.max_batches_in_flight
+        )
+        self._qber_alarmed = False
+        # Batches lost because the peer went away (Bob), and how far Bob's
+        # batches have got in time (Alice, to bound her own buffer).
+        self._peer_drops = 0
+        self._bob_progress_ps = 0
+        self.notifier = Notifier()
+        self._ready_sent = False
+        # When the pipeline last moved a batch; the watchdog pings only while
+        # this is recent, so a stalled pipeline lets systemd's watchdog fire.
+        self.last_progress = time.monotonic()
+
+    # -- state -------------------------------------------------------------------
+    async def _set_state(self, state: str, detail: str = "") -> None:
+        if state != self.state:
+            log.info("state", state=state, detail=detail)
+            self.state = state
+            await self.pub.set_status(state, detail)
+            line = f"{state}: {detail}" if detail else state
+            if state == "running" and not self._ready_sent:
+                # READY only once drivers are up and the peer clock is locked.
+                self._ready_sent = self.notifier.ready(line)
+            else:
+                self.notifier.status(line)
+
+    async def _problem(self, key: str, message: str, severity: str = "warning") -> None:
+        """Record a fault once (one log line, one alarm) and go degraded."""
+        if key not in self._problems:
+            self._problems[key] = message
+            log.error("fault", fault=key, error=message)
+            self.pub.raise_alarm(severity, key, message)
+        await self._set_state("degraded", "; ".join(self._problems.values()))
+
+    async def _resolved(self, key: str) -> None:
+        if self._problems.pop(key, None) is not None:
+            log.info("fault cleared", fault=key)
+            self.pub.raise_alarm("info", key + "-cleared", f"{key} recovered")
+        if not self._problems:
+            await self._set_state("running" if self.stats.locked else "locking")
+
+    # -- loops -------------------------------------------------------------------
+    async def run(self) -> None:
+        await self._set_state("locking", "waiting for peer")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._telemetry_loop(), name="telemetry")
+            if self.notifier.watchdog_interval_s is not None:
+                tg.create_task(
+                    self._watchdog_loop(self.notifier.watchdog_interval_s), name="watchdog"
+                )
+            if self.tagger is not None:
+                tg.create_task(self._tagger_loop(self.tagger), name="tagger")
+            if self.laser is not None:
+                await self.laser.set_mode(LaserMode.SYNC)
+                await self.laser.set_output(True)
+            tg.create_task(self._peer_loop(), name="peer")
+
+    async def _tagger_loop(self, tagger: TimeTagger) -> None:
+        """Read batches, validate, hand them on; reopen the stream on failure."""
+        attempt = 0
+        while True:
+            try:
+                async for batch in tagger.stream():
+                    attempt = 0
+                    try:
+                        self.validator.check(batch)
+                    except BatchError as exc:
+                        self.stats.rejected_batches += 1
+                        await self._problem("bad-batch", str(exc))
+                        continue
+                    self.stats.dropped_batches = self.validator.missed_batches + self._peer_drops
+                    if "bad-batch" in self._problems or "tagger" in self._problems:
+                        await self._resolved("bad-batch")
+                        await self._resolved("tagger")
+                    await self._deliver(batch)
+                raise ConnectionError("stream ended")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a driver may raise anything; contain it here
+                await self._problem("tagger", f"time tagger {tagger.name!r} failed: {exc}")
+                attempt += 1
+                await asyncio.sleep(_backoff(attempt))
+
+    async def _deliver(self, batch: TagBatch) -> None:
+        if self.alice is not None:
+            async with self._own_progress:
+                # Stay a bounded distance ahead of Bob: memory, not speed, is the limit.
+                horizon = 4 * self.cfg.timing.max_offset_ps + self.cfg.timing.lock_max_duration_ps
+                await self._own_progress.wait_for(
+                    lambda: batch.start_ps - self._bob_progress_ps < horizon
+                )
+                self.alice.add_own_batch(batch)
+                self._own_progress.notify_all()
+        else:
+            await self._queue.put(batch)
+
+    async def _peer_loop(self) -> None:
+        attempt = 0
+        while True:
+            channel = await self.link.connected()
+            await self._resolved("peer")
+            try:
+                await self._session(channel)
+            except asyncio.CancelledError:
+                # Shutting down: tell the peer, so it does not raise a fault.
+                await channel.goodbye()
+                raise
+            except PeerGone:
+                log.info("peer stopped")
+                await channel.close()
+                if self.bob is not None:
+                    self.bob.forget(lost=False)
+                await self._set_state("locking", "waiting for peer")
+            except PEER_ERRORS as exc:
+                await self._problem("peer", f"peer channel failed: {type(exc).__name__}: {exc}")
+                await channel.close()
+                if self.bob is not None:
+                    self._peer_drops += self.bob.forget()
+                attempt += 1
+                await asyncio.sleep(_backoff(attempt))
+
+    async def _session(self, channel: peer.PeerChannel) -> None:
+        """One peer session; a failure inside Bob's task group surfaces as itself."""
+        try:
+            if self.role == "alice":
+                await self._alice_session(channel)
+            else:
+                await self._bob_session(channel)
+        except ExceptionGroup as group:
+            raise group.exceptions[0] from None
+
+    async def _alice_session(self, channel: peer.PeerChannel) -> None:
+        assert self.alice is not None
+        alice = self.alice
+        # A (re)connected Bob may have restarted his clock: lock afresh.
+        alice.unlock()
+        await self._set_state("locking", "locking to peer clock")
+        while True:
+            frame = await channel.recv(timeout=self.cfg.peer.timeout_s * 3)
+            msg = peer.decode_arrays(frame.payload) if frame.payload else {}
+            if frame.msg_type == peer.MsgType.TAGS:
+                stop_b = scalar(msg, "stop_ps")
+                if self.tagger is not None:
+                    await self._await_own_tags(stop_b)
+                was_locked = alice.clock is not None
+                try:
+                    reply = alice.on_tags(msg)
+                except kernel.LockError as exc:
+                    await self._problem("lock", f"no clock lock: {exc}")
+                    reply = alice.locking_reply(scalar(msg, "seq"))
+                if not was_locked and alice.clock is not None:
+                    await self._on_locked()
+                await channel.send(peer.MsgType.SIFT, peer.encode_arrays(reply))
+                self.last_progress = time.monotonic()
+            elif frame.msg_type == peer.MsgType.QBER_SAMPLE:
+                result = alice.on_sample(msg)
+                await channel.send(peer.MsgType.QBER_RESULT, peer.encode_arrays(result))
+            elif frame.msg_type == peer.MsgType.BYE:
+                raise PeerGone
+            elif frame.msg_type == peer.MsgType.PING:
+                await channel.send(peer.MsgType.PONG, b"")
+            else:
+                raise ProtocolError(f"unexpected message {frame.msg_type!r} from Bob")
+
+    async def _await_own_tags(self, stop_b: int) -> None:
+        """Wait until Alice's own tagger has covered Bob's batch (BBM92)."""
+        assert self.alice is not None
+        alice = self.alice
+        self._bob_progress_ps = stop_b - self.cfg.timing.max_offset_ps
+        until = alice.needed_until(stop_b)
+        async with self._own_progress:
+            self._own_progress.notify_all()
+            await self._own_progress.wait_for(lambda: alice.own_stop_ps >= until)
+
+    async def _on_locked(self) -> None:
+        clock = self.alice.clock if self.alice else None
+        if clock is not None:
+            log.info("clock locked", offset_ps=round(clock.offset_ps), drift_ppm=clock.drift_ppm)
+        if self.laser is not None:
+            await self.laser.set_mode(LaserMode.KEY)
+        await self._resolved("lock")
+        if not self._problems:
+            await self._set_state("running", "locked")
+
+    async def _bob_session(self, channel: peer.PeerChannel) -> None:
+        assert self.bob is not None
+        await self._set_state("locking", "waiting for Alice's lock")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._bob_send(channel), name="bob-send")
+            tg.create_task(self._bob_recv(channel), name="bob-recv")
+
+    async def _bob_send(self, channel: peer.PeerChannel) -> None:
+        assert self.bob is not None
+        bob = self.bob
+        limit = self.cfg.sifting.max_batches_in_flight
+        while True:
+            batch = await self._queue.get()
+            async with self._reply:
+                await self._reply.wait_for(lambda: bob.in_flight < limit)
+            await channel.send(peer.MsgType.TAGS, peer.encode_arrays(bob.on_batch(batch)))
+
+    async def _bob_recv(self, channel: peer.PeerChannel) -> None:
+        assert self.bob is not None
+        bob = self.bob
+        while True:
+            frame = await channel.recv(timeout=self.cfg.peer.timeout_s * 3)
+            msg = peer.decode_arrays(frame.payload) if frame.payload else {}
+            if frame.msg_type == peer.MsgType.SIFT:
+                was_locked = self.stats.locked
+                sample = bob.on_sift(msg)
+                self.last_progress = time.monotonic()
+                async with self._reply:
+                    self._reply.notify_all()
+                if sample is not None:
+                    await channel.send(peer.MsgType.QBER_SAMPLE, peer.encode_arrays(sample))
+                if self.stats.locked and not was_locked and not self._problems:
+                    await self._set_state("running", "locked")
+            elif frame.msg_type == peer.MsgType.QBER_RESULT:
+                bob.on_result(msg)
+            elif frame.msg_type == peer.MsgType.PING:
+                await channel.send(peer.MsgType.PONG, b"")
+            elif frame.msg_type == peer.MsgType.BYE:
+                raise PeerGone
+            else:
+                raise ProtocolError(f"unexpected message {frame.msg_type!r} from Alice")
+
+    async def _watchdog_loop(self, interval_s: float) -> None:
+        # Healthy means the loop runs (we are here) and batches keep moving.
+        stall_s = max(5.0, 4 * interval_s)
+        while True:
+            if time.monotonic() - self.last_progress < stall_s:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval_s)
+
+    # -- telemetry ---------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        s = self.stats
+        alice_locked = s.locked and self.role == "alice"
+        out: dict[str, Any] = {
+            "node_id": self.cfg.node.id,
+            "role": self.role,
+            "protocol": self.cfg.node.protocol,
+            "state": self.state,
+            "tags_processed": s.tags,
+            "batches": s.batches,
+            "coincidences": s.coincidences,
+            "sifted_bits": s.sifted_bits,
+            "key_bits": s.key_bits,
+            "qber_sample_bits": s.sample_bits,
+            "qber_sample_errors": s.sample_errors,
+            "qber": s.qber,
+            "locked": s.locked,
+            # Alice holds the clock model; Bob only knows that it is locked.
+            "offset_ps": round(s.offset_ps) if alice_locked else None,
+            "drift_ppm": s.drift_ppm if alice_locked else None,
+            "lock_offset_ps": round(s.lock_offset_ps) if alice_locked else None,
+            "lock_drift_ppm": s.lock_drift_ppm if alice_locked else None,
+            "dropped_batches": s.dropped_batches,
+            "rejected_batches": s.rejected_batches,
+            "multi_clicks": s.multi_clicks,
+            "mqtt_dropped_telemetry": self.pub.dropped_telemetry,
+        }
+        if self.laser is not None:
+            out["signal_gain"] = s.gain(IntensityClass.SIGNAL)
+            out["decoy_gain"] = s.gain(IntensityClass.DECOY)
+            out["vacuum_gain"] = s.gain(IntensityClass.VACUUM)
+            out["pulses"] = {c.name.lower(): s.pulses[c] for c in IntensityClass}
+        return out
+
+    async def _telemetry_loop(self) -> None:
+        interval = self.cfg.mqtt.telemetry_interval_s
+        prev = asdict(self.stats)
+        prev_t = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            cur = asdict(self.stats)
+            dt = max(now - prev_t, 1e-9)
+            rates = {
+                f"{k}_per_s": (cur[k] - prev[k]) / dt
+                for k in ("tags", "coincidences", "sifted_bits", "key_bits")
+            }
+            d_bits = cur["sample_bits"] - prev["sample_bits"]
+            interval_qber = (
+                (cur["sample_errors"] - prev["sample_errors"]) / d_bits if d_bits else None
+            )
+            prev, prev_t = cur, now
+            payload = (
+                self.summary()
+                | rates
+                | {
+                    "time": time.time(),
+                    "interval_s": dt,
+                    "qber_interval": interval_qber,
+                    "channel_rates_hz": await self._channel_rates(),
+                    "detectors": await self._detector_states(),
+                }
+            )
+            self.pub.publish_telemetry(payload)
+            await self._check_qber()
+
+    async def _channel_rates(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for det in self.devices.detectors:
+            with contextlib.suppress(Exception):
+                st = await det.status()
+                out[str(st.channel)] = st.count_rate_hz
+        return out
+
+    async def _detector_states(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for det in self.devices.detectors:
+            try:
+                st = await det.status()
+            except Exception as exc:  # noqa: BLE001 - a detector that cannot report is news
+                out.append({"name": det.name, "error": str(exc)})
+                continue
+            out.append(
+                {
+                    "name": st.name,
+                    "channel": st.channel,
+                    "latched": st.latched,
+                    "temperature_k": st.temperature_k,
+                    "bias_v": st.bias_v,
+                    "count_rate_hz": st.count_rate_hz,
+                }
+            )
+        return out
+
+    async def _check_qber(self) -> None:
+        q = self.stats.qber
+        threshold = self.cfg.sifting.qber_alarm_threshold
+        if q is None or self.stats.sample_bits < 1000:
+            return
+        if q > threshold and not self._qber_alarmed:
+            self._qber_alarmed = True
+            msg = f"QBER {q:.4f} above threshold {threshold:.4f}"
+            log.warning("qber alarm", qber=q, threshold=threshold)
+            self.pub.raise_alarm("critical", "qber-high", msg)
+        elif q <= threshold and self._qber_alarmed:
+            self._qber_alarmed = False
+            self.pub.raise_alarm("info", "qber-high-cleared", f"QBER {q:.4f} back below threshold")
+
+    def write_summary(self) -> None:
+        path = self.state_dir / "summary.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.summary(), indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+async def run_node(
+    config: NodeConfig,
+    registry: dict[str, DriverInfo],
+    *,
+    on_node: Callable[[Node], None] | None = None,
+) -> None:
+    """Run one node until cancelled; devices and links close in reverse order."""
+    node_log = log.bind(node=config.node.id, role=config.node.role)
+    node_log.info("starting", protocol=config.node.protocol, config=config.source)
+    p = config.peer
+    endpoint = p.listen if config.node.role == "alice" else p.connect
+    host, _, port = endpoint.rpartition(":")
+    async with contextlib.AsyncExitStack() as stack:
+        pub = await stack.enter_async_context(
+            TelemetryPublisher(mqtt_settings(config), config.node.id)
+        )
+        await pub.set_status("starting", "opening devices")
+        devices = await stack.enter_async_context(DeviceManager(config, registry))
+        link = await stack.enter_async_context(
+            peer.PeerLink(
+                role="listen" if config.node.role == "alice" else "connect",
+                host=host,
+                port=int(port),
+                node_id=config.node.id,
+                peer_id=config.peer.peer_id,
+                protocol=config.node.protocol,
+            )
+        )
+        node = Node(config, devices, pub, link)
+        if on_node is not None:
+            on_node(node)
+        try:
+            await node.run()
+        finally:
+            node.notifier.stopping()
+            node.write_summary()
+            with contextlib.suppress(Exception):
+                node.pub.publish_telemetry(node.summary() | {"final": True})
+            node_log.info(
+                "stopping",
+                **{
+                    k: v
+                    for k, v in node.summary().items()
+                    if isinstance(v, int | float | str | None)
+                },
+            )

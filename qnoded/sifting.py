@@ -1,0 +1,468 @@
+"""Sifting: from Bob's detections and Alice's choices to two matching bit strings.
+
+Transport-free: the engines take and return messages (dicts of numpy arrays)
+so the same code runs in the daemon over TCP, in tests and in the benchmark.
+
+Flow per Bob batch ``seq`` (Alice leads; every message is public):
+
+1. Bob -> Alice ``TAGS``: the batch interval, detection times and each
+   detection's basis (never its bit).
+2. Alice locks the clocks (first batches), then matches detections to her
+   pulse slots (BB84) or her own detections (BBM92), keeps those whose bases
+   agree and replies ``SIFT``: indices of kept detections and the random
+   positions she sacrifices to estimate the QBER.
+3. Bob -> Alice ``QBER_SAMPLE``: his bits at those positions.
+4. Alice counts the errors, replies ``QBER_RESULT``; both keep the unsampled
+   bits as the sifted key of that batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from qnoded import kernel
+from qnoded.config import NodeConfig
+from qnoded.contracts import IntensityClass, Laser, TagBatch
+from qnoded.timing import ClockModel, lock
+
+Message = dict[str, npt.NDArray[Any]]
+N_CLASSES = len(IntensityClass)
+
+
+class ProtocolError(Exception):
+    """A peer message is malformed or inconsistent with our state."""
+
+
+def scalar(msg: Mapping[str, npt.NDArray[Any]], name: str) -> int:
+    """An int64 scalar field of a message, with a clear error if absent."""
+    try:
+        arr = msg[name]
+    except KeyError as exc:
+        raise ProtocolError(f"message lacks field {name!r}") from exc
+    if arr.shape != (1,) or arr.dtype != np.int64:
+        raise ProtocolError(f"field {name!r} must be one int64, got {arr.dtype}{arr.shape}")
+    return int(arr[0])
+
+
+def field_of(msg: Mapping[str, npt.NDArray[Any]], name: str, dtype: type[Any]) -> npt.NDArray[Any]:
+    try:
+        arr = msg[name]
+    except KeyError as exc:
+        raise ProtocolError(f"message lacks field {name!r}") from exc
+    if arr.dtype != np.dtype(dtype) or arr.ndim != 1:
+        raise ProtocolError(
+            f"field {name!r} must be a 1-d {np.dtype(dtype)} array, got {arr.dtype}"
+        )
+    return arr
+
+
+def i64(value: int) -> npt.NDArray[np.int64]:
+    return np.array([value], dtype=np.int64)
+
+
+@dataclass(slots=True)
+class SiftStats:
+    """Cumulative counters of one node; telemetry derives rates from them."""
+
+    tags: int = 0
+    batches: int = 0
+    coincidences: int = 0
+    sifted_bits: int = 0
+    key_bits: int = 0
+    sample_bits: int = 0
+    sample_errors: int = 0
+    multi_clicks: int = 0
+    dropped_batches: int = 0
+    rejected_batches: int = 0
+    locked: bool = False
+    lock_attempts: int = 0
+    offset_ps: float = 0.0
+    drift_ppm: float = 0.0
+    # The clock relation as first found, before tracking refined it.
+    lock_offset_ps: float = 0.0
+    lock_drift_ppm: float = 0.0
+    # BB84 at Alice: pulses sent and detections, per intensity class.
+    pulses: list[int] = field(default_factory=lambda: [0] * N_CLASSES)
+    detections: list[int] = field(default_factory=lambda: [0] * N_CLASSES)
+
+    @property
+    def qber(self) -> float | None:
+        return self.sample_errors / self.sample_bits if self.sample_bits else None
+
+    def gain(self, cls: IntensityClass) -> float | None:
+        n = self.pulses[cls]
+        return self.detections[cls] / n if n else None
+
+
+class KeyRecorder:
+    """Appends each batch's sifted key to a file (demo and validation only).
+
+    Record: int64 seq, int64 number of bits, then the bits packed MSB first.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self._path = path
+
+    def record(self, seq: int, bits: npt.NDArray[np.uint8]) -> None:
+        if self._path is None:
+            return
+        packed = kernel.pack_bits(np.ascontiguousarray(bits, dtype=np.uint8))
+        with open(self._path, "ab") as fh:
+            fh.write(np.array([seq, bits.shape[0]], dtype="<i8").tobytes())
+            fh.write(packed.tobytes())
+
+
+def read_recorded(path: str) -> dict[int, npt.NDArray[np.uint8]]:
+    """Read a :class:`KeyRecorder` file back: seq -> bits."""
+    out: dict[int, npt.NDArray[np.uint8]] = {}
+    with open(path, "rb") as fh:
+        data = fh.read()
+    pos = 0
+    while pos + 16 <= len(data):
+        seq, n = np.frombuffer(data, dtype="<i8", count=2, offset=pos)
+        pos += 16
+        nbytes = (int(n) + 7) // 8
+        if pos + nbytes > len(data):
+            break  # a record cut by a kill; the bits it had are not key
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=pos))
+        out[int(seq)] = bits[: int(n)].astype(np.uint8)
+        pos += nbytes
+    return out
+
+
+@dataclass(slots=True)
+class _Pending:
+    bits: npt.NDArray[np.uint8]
+    sample_pos: npt.NDArray[np.int64]
+
+
+class AliceEngine:
+    """Alice's side: lock, match, sift, estimate the QBER."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        laser: Laser | None = None,
+        recorder: KeyRecorder | None = None,
+        stats: SiftStats | None = None,
+    ) -> None:
+        self.cfg = config
+        self.protocol = config.node.protocol
+        if self.protocol == "bb84" and laser is None:
+            raise ValueError("BB84 Alice needs a laser device")
+        self.laser = laser
+        self.stats = stats or SiftStats()
+        self.recorder = recorder or KeyRecorder(None)
+        self.clock: ClockModel | None = None
+        self._rng = np.random.default_rng(secrets.randbits(128))
+        self._pending: dict[int, _Pending] = {}
+        # Lock accumulation: Bob's tags so far, and the Bob-frame span they cover.
+        self._lock_t: list[npt.NDArray[np.int64]] = []
+        self._lock_span: tuple[int, int] | None = None
+        # BBM92: Alice's own tag batches, oldest first.
+        self._own: deque[TagBatch] = deque()
+        self.own_stop_ps = 0
+
+    # -- Alice's own tags (BBM92) ------------------------------------------------
+    def add_own_batch(self, batch: TagBatch) -> None:
+        self._own.append(batch)
+        self.own_stop_ps = batch.stop_ps
+        self.stats.tags += len(batch)
+
+    def needed_until(self, stop_b: int) -> int:
+        """Alice-frame time her own tags must reach before Bob's batch can be handled."""
+        t = self.cfg.timing
+        if self.clock is None:
+            return stop_b + t.max_offset_ps
+        return self.clock.alice_interval(stop_b, stop_b)[1] + t.coincidence_window_ps
+
+    def _own_between(
+        self, start: int, stop: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+        ts = [b.timestamps_ps for b in self._own if b.stop_ps > start and b.start_ps < stop]
+        chs = [b.channels for b in self._own if b.stop_ps > start and b.start_ps < stop]
+        if not ts:
+            return np.empty(0, np.int64), np.empty(0, np.uint8)
+        t = np.concatenate(ts)
+        c = np.concatenate(chs)
+        lo, hi = np.searchsorted(t, [start, stop])
+        return t[lo:hi], c[lo:hi]
+
+    def _trim_own(self, before: int) -> None:
+        while self._own and self._own[0].stop_ps < before:
+            self._own.popleft()
+
+    # -- lock --------------------------------------------------------------------
+    def _reference_times(self, start: int, stop: int) -> npt.NDArray[np.int64]:
+        """Alice's timing reference over an Alice-frame interval."""
+        if self.protocol == "bb84":
+            assert self.laser is not None
+            period = self.laser.period_ps
+            first = max(0, start // period)
+            last = max(first, stop // period + 1)
+            return self.laser.sync_slots(first, last - first) * np.int64(period)
+        return self._own_between(start, stop)[0]
+
+    def _try_lock(self, start_b: int, stop_b: int, t_b: npt.NDArray[np.int64]) -> bool:
+        t = self.cfg.timing
+        self._lock_t.append(t_b)
+        span0 = start_b if self._lock_span is None else self._lock_span[0]
+        self._lock_span = (span0, stop_b)
+        bob = np.concatenate(self._lock_t)
+        if bob.shape[0] < t.lock_min_events:
+            return False
+        ref = self._reference_times(span0 - t.max_offset_ps, stop_b + t.max_offset_ps)
+        if ref.shape[0] < 2:
+            return False
+        self.stats.lock_attempts += 1
+        try:
+            clock = lock(
+                ref,
+                bob,
+                max_offset_ps=t.max_offset_ps,
+                resolution_ps=t.resolution_ps,
+                min_snr=t.lock_min_snr,
+            )
+        except kernel.LockError:
+            if stop_b - span0 > t.lock_max_duration_ps:
+                # Start over rather than grow without bound; the caller alarms.
+                self._lock_t.clear()
+                self._lock_span = None
+                raise
+            return False
+        self.clock = clock
+        self.stats.locked = True
+        self.stats.lock_offset_ps = clock.offset_ps
+        self.stats.lock_drift_ppm = clock.drift_ppm
+        self._lock_t.clear()
+        self._lock_span = None
+        return True
+
+    def unlock(self) -> None:
+        """Forget the clock relation (peer restarted, or an operator asked)."""
+        self.clock = None
+        self.stats.locked = False
+        self._lock_t.clear()
+        self._lock_span = None
+        self._pending.clear()
+
+    # -- per batch ---------------------------------------------------------------
+    @staticmethod
+    def locking_reply(seq: int) -> Message:
+        """SIFT reply for a batch that went into the clock lock, not into key."""
+        empty = np.empty(0, np.int64)
+        return {
+            "seq": i64(seq),
+            "locked": i64(0),
+            "matched": i64(0),
+            "keep": empty,
+            "sample": empty,
+        }
+
+    def on_tags(self, msg: Mapping[str, npt.NDArray[Any]]) -> Message:
+        """Handle Bob's TAGS; return the SIFT reply."""
+        seq = scalar(msg, "seq")
+        start_b, stop_b = scalar(msg, "start_ps"), scalar(msg, "stop_ps")
+        t_b = field_of(msg, "t", np.int64)
+        basis_b = field_of(msg, "basis", np.uint8)
+        if basis_b.shape != t_b.shape:
+            raise ProtocolError(f"batch {seq}: {t_b.shape[0]} tags but {basis_b.shape[0]} bases")
+        if stop_b < start_b:
+            raise ProtocolError(f"batch {seq}: stop_ps {stop_b} before start_ps {start_b}")
+        if t_b.shape[0] > 1 and bool(np.any(np.diff(t_b) < 0)):
+            raise ProtocolError(f"batch {seq}: tag times are not ascending")
+        self.stats.tags += int(t_b.shape[0])
+        if self.clock is None:
+            # Batches spent on locking yield no key, even the one that locks.
+            locked_now = self._try_lock(start_b, stop_b, t_b)
+            if self.protocol == "bbm92" and not locked_now and self._lock_span is not None:
+                self._trim_own(self._lock_span[0] - 2 * self.cfg.timing.max_offset_ps)
+            return self.locking_reply(seq)
+        matched_before = self.stats.coincidences
+        if self.protocol == "bb84":
+            keep, bits = self._match_bb84(start_b, stop_b, t_b, basis_b)
+        else:
+            keep, bits = self._match_bbm92(start_b, stop_b, t_b, basis_b)
+        self.stats.batches += 1
+        self.stats.offset_ps = self.clock.offset_ps
+        self.stats.drift_ppm = self.clock.drift_ppm
+        sample = np.flatnonzero(
+            self._rng.random(keep.shape[0]) < self.cfg.sifting.qber_sample_fraction
+        ).astype(np.int64)
+        self.stats.sifted_bits += int(keep.shape[0])
+        self._pending[seq] = _Pending(bits=bits, sample_pos=sample)
+        while len(self._pending) > 4 * self.cfg.sifting.max_batches_in_flight:
+            self._pending.pop(next(iter(self._pending)))
+            self.stats.dropped_batches += 1
+        matched = self.stats.coincidences - matched_before
+        return {
+            "seq": i64(seq),
+            "locked": i64(1),
+            "matched": i64(matched),
+            "keep": keep,
+            "sample": sample,
+        }
+
+    def _match_bb84(
+        self,
+        start_b: int,
+        stop_b: int,
+        t_b: npt.NDArray[np.int64],
+        basis_b: npt.NDArray[np.uint8],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+        assert self.laser is not None and self.clock is not None
+        period = self.laser.period_ps
+        t_a = self.clock.to_alice(t_b)
+        slots, in_window, residual = kernel.assign_slots(
+            t_a,
+            t0_ps=0,
+            period_ps=float(period),
+            window_ps=self.cfg.timing.coincidence_window_ps,
+            track_gain=self.cfg.timing.track_gain,
+        )
+        a0, a1 = self.clock.alice_interval(start_b, stop_b)
+        first, last = -(-a0 // period), -(-a1 // period)
+        counts = self.laser.count_classes(first, max(0, last - first))
+        for cls in range(N_CLASSES):
+            self.stats.pulses[cls] += int(counts[cls])
+        inw = np.flatnonzero(in_window).astype(np.int64)
+        det_slots = slots[inw]
+        # Two clicks in one slot (multi-photon or a dark count) carry no
+        # reliable bit: count them, keep neither (a squashing choice).
+        uniq, first_idx, n_in_slot = np.unique(det_slots, return_index=True, return_counts=True)
+        single = inw[first_idx[n_in_slot == 1]]
+        self.stats.multi_clicks += int(np.count_nonzero(n_in_slot > 1))
+        choices = self.laser.choices_at(uniq)
+        for cls in range(N_CLASSES):
+            self.stats.detections[cls] += int(np.count_nonzero(choices.intensity == cls))
+        self.stats.coincidences += int(uniq.shape[0])
+        single_mask = n_in_slot == 1
+        basis_a = choices.basis[single_mask]
+        keep_mask = (basis_a == basis_b[single]) & (
+            choices.intensity[single_mask] == IntensityClass.SIGNAL
+        )
+        self.clock.update(float(residual), float(stop_b - start_b), float(a1))
+        return single[keep_mask], choices.bit[single_mask][keep_mask]
+
+    def _match_bbm92(
+        self,
+        start_b: int,
+        stop_b: int,
+        t_b: npt.NDArray[np.int64],
+        basis_b: npt.NDArray[np.uint8],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+        assert self.clock is not None
+        a0, a1 = self.clock.alice_interval(start_b, stop_b)
+        t_own, ch_own = self._own_between(a0, a1)
+        ia, ib, residual = kernel.coincidences_tracked(
+            t_own,
+            self.clock.to_alice(t_b),
+            window_ps=self.cfg.timing.coincidence_window_ps,
+            offset_ps=0,
+            track_gain=self.cfg.timing.track_gain,
+        )
+        self._trim_own(a0 - self.cfg.timing.coincidence_window_ps)
+        self.stats.coincidences += int(ia.shape[0])
+        keep_mask = (ch_own[ia] >> 1) == basis_b[ib]
+        if ia.shape[0]:
+            self.clock.update(float(residual), float(stop_b - start_b), float(a1))
+        return ib[keep_mask], (ch_own[ia][keep_mask] & 1).astype(np.uint8)
+
+    def on_sample(self, msg: Mapping[str, npt.NDArray[Any]]) -> Message:
+        """Handle Bob's QBER_SAMPLE; return QBER_RESULT."""
+        seq = scalar(msg, "seq")
+        bob_bits = field_of(msg, "bits", np.uint8)
+        pending = self._pending.pop(seq, None)
+        if pending is None:
+            raise ProtocolError(f"QBER sample for batch {seq}, which is not pending")
+        if bob_bits.shape != pending.sample_pos.shape:
+            raise ProtocolError(
+                f"batch {seq}: {bob_bits.shape[0]} sample bits, "
+                f"expected {pending.sample_pos.shape[0]}"
+            )
+        errors = kernel.count_errors(pending.bits[pending.sample_pos], bob_bits)
+        key = np.delete(pending.bits, pending.sample_pos)
+        self.stats.sample_bits += int(bob_bits.shape[0])
+        self.stats.sample_errors += errors
+        self.stats.key_bits += int(key.shape[0])
+        self.recorder.record(seq, key)
+        return {"seq": i64(seq), "errors": i64(errors), "n": i64(int(bob_bits.shape[0]))}
+
+
+class BobEngine:
+    """Bob's side: announce detections and bases, follow Alice's sifting."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        recorder: KeyRecorder | None = None,
+        stats: SiftStats | None = None,
+    ) -> None:
+        self.cfg = config
+        self.stats = stats or SiftStats()
+        self.recorder = recorder or KeyRecorder(None)
+        self._pending: dict[int, npt.NDArray[np.uint8]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def on_batch(self, batch: TagBatch) -> Message:
+        """A tagger batch becomes a TAGS message; the bits stay here."""
+        self.stats.tags += len(batch)
+        self._pending[batch.seq] = batch.channels
+        return {
+            "seq": i64(batch.seq),
+            "start_ps": i64(batch.start_ps),
+            "stop_ps": i64(batch.stop_ps),
+            "t": batch.timestamps_ps,
+            "basis": (batch.channels >> 1).astype(np.uint8),
+        }
+
+    def forget(self, *, lost: bool = True) -> int:
+        """Drop batches awaiting replies; returns how many.
+
+        ``lost`` counts them as dropped (the link failed); after an orderly
+        goodbye they were simply not finished, and yield no key either way.
+        """
+        n = len(self._pending)
+        self._pending.clear()
+        return n if lost else 0
+
+    def on_sift(self, msg: Mapping[str, npt.NDArray[Any]]) -> Message | None:
+        """Handle SIFT; return the QBER_SAMPLE message, or None while Alice locks."""
+        seq = scalar(msg, "seq")
+        channels = self._pending.pop(seq, None)
+        if channels is None:
+            raise ProtocolError(f"SIFT for batch {seq}, which is not pending")
+        locked = scalar(msg, "locked") == 1
+        self.stats.locked = locked
+        if not locked:
+            return None
+        keep = field_of(msg, "keep", np.int64)
+        sample = field_of(msg, "sample", np.int64)
+        if keep.shape[0] and (keep.min() < 0 or keep.max() >= channels.shape[0]):
+            raise ProtocolError(f"SIFT for batch {seq} keeps detections outside the batch")
+        if sample.shape[0] and (sample.min() < 0 or sample.max() >= keep.shape[0]):
+            raise ProtocolError(f"SIFT for batch {seq} samples outside the kept bits")
+        bits = (channels[keep] & 1).astype(np.uint8)
+        self.stats.batches += 1
+        self.stats.coincidences += scalar(msg, "matched")
+        self.stats.sifted_bits += int(keep.shape[0])
+        key = np.delete(bits, sample)
+        self.stats.key_bits += int(key.shape[0])
+        self.recorder.record(seq, key)
+        return {"seq": i64(seq), "bits": np.ascontiguousarray(bits[sample])}
+
+    def on_result(self, msg: Mapping[str, npt.NDArray[Any]]) -> None:
+        self.stats.sample_errors += scalar(msg, "errors")
+        self.stats.sample_bits += scalar(msg, "n")

@@ -113,7 +113,7 @@ def run(alice_batches: list[TagBatch], bob_batches: list[TagBatch]) -> dict[str,
         if sample is not None:
             bob.on_result(wire(alice.on_sample(wire(sample))))
     elapsed = time.perf_counter() - t_start
-    tags = alice.stats.tags + bob.stats.tags
+    tags = sum(len(x) for x in alice_batches[:ai]) + bob.stats.tags
     return {
         "tags": tags,
         "seconds": elapsed,

@@ -74,6 +74,9 @@ class TimingSection:
     coincidence_window_ps: int = 2_000
     lock_min_snr: float = 6.0
     lock_min_events: int = 400
+    # The lock's cost grows with Bob's tags times Alice's tag density; beyond
+    # this many Bob tags a uniform subsample carries enough true pairs.
+    lock_max_events: int = 4000
     lock_max_duration_ps: int = 5_000_000_000_000
     track_gain: float = 0.02
 

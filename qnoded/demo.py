@@ -100,7 +100,7 @@ def link_parameters(args: argparse.Namespace) -> dict[str, Any]:
             "mu_decoy": 0.1,
             "p_signal": 0.8,
             "p_decoy": 0.1,
-            "sync_density": 0.01,
+            "sync_density": 0.05,
             "sync_duration_ps": 1_000_000_000_000,
         }
     else:

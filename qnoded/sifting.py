@@ -137,6 +137,19 @@ def read_recorded(path: str) -> dict[int, npt.NDArray[np.uint8]]:
     return out
 
 
+def keep_unsampled(
+    stats: SiftStats,
+    recorder: KeyRecorder,
+    seq: int,
+    bits: npt.NDArray[np.uint8],
+    sample_pos: npt.NDArray[np.int64],
+) -> None:
+    """The disclosed sample is spent; the rest of the batch is its sifted key."""
+    key = np.delete(bits, sample_pos)
+    stats.key_bits += int(key.shape[0])
+    recorder.record(seq, key)
+
+
 @dataclass(slots=True)
 class _Pending:
     bits: npt.NDArray[np.uint8]
@@ -219,6 +232,8 @@ class AliceEngine:
         bob = np.concatenate(self._lock_t)
         if bob.shape[0] < t.lock_min_events:
             return False
+        if bob.shape[0] > t.lock_max_events:
+            bob = np.ascontiguousarray(bob[:: -(-bob.shape[0] // t.lock_max_events)])
         ref = self._reference_times(span0 - t.max_offset_ps, stop_b + t.max_offset_ps)
         if ref.shape[0] < 2:
             return False
@@ -389,11 +404,9 @@ class AliceEngine:
                 f"expected {pending.sample_pos.shape[0]}"
             )
         errors = kernel.count_errors(pending.bits[pending.sample_pos], bob_bits)
-        key = np.delete(pending.bits, pending.sample_pos)
         self.stats.sample_bits += int(bob_bits.shape[0])
         self.stats.sample_errors += errors
-        self.stats.key_bits += int(key.shape[0])
-        self.recorder.record(seq, key)
+        keep_unsampled(self.stats, self.recorder, seq, pending.bits, pending.sample_pos)
         return {"seq": i64(seq), "errors": i64(errors), "n": i64(int(bob_bits.shape[0]))}
 
 
@@ -458,9 +471,7 @@ class BobEngine:
         self.stats.batches += 1
         self.stats.coincidences += scalar(msg, "matched")
         self.stats.sifted_bits += int(keep.shape[0])
-        key = np.delete(bits, sample)
-        self.stats.key_bits += int(key.shape[0])
-        self.recorder.record(seq, key)
+        keep_unsampled(self.stats, self.recorder, seq, bits, sample)
         return {"seq": i64(seq), "bits": np.ascontiguousarray(bits[sample])}
 
     def on_result(self, msg: Mapping[str, npt.NDArray[Any]]) -> None:

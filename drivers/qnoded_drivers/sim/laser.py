@@ -12,8 +12,6 @@ import numpy.typing as npt
 from qnoded.contracts import DeviceKind, DriverContext, EmissionRecord, IntensityClass, LaserMode
 from qnoded_drivers.sim.common import shared_link
 
-CHUNK = 1 << 22  # slots per vectorised step: bounds memory for long ranges
-
 
 class SimLaser:
     """Alice's source; her choices are the link's counter-based QRNG stream.
@@ -60,6 +58,8 @@ class SimLaser:
             "pulse_rate_hz": p.pulse_rate_hz,
             "mu_signal": p.mu_signal,
             "mu_decoy": p.mu_decoy,
+            "period_ps": p.period_ps,
+            "sync_duration_ps": p.sync_duration_ps,
             "mode": str(self.mode),
         }
 
@@ -100,6 +100,8 @@ class SimLaser:
         return self._link.sync_slots(first_slot, n_slots)
 
     def emissions(self, first_slot: int, n_slots: int) -> EmissionRecord:
+        if n_slots < 0:
+            raise ValueError(f"{self.name}: n_slots must be >= 0, got {n_slots}")
         basis, bit, cls = self._link.choices(
             np.arange(first_slot, first_slot + n_slots, dtype=np.int64)
         )
@@ -110,9 +112,5 @@ class SimLaser:
         return EmissionRecord(first_slot=-1, basis=basis, bit=bit, intensity=cls)
 
     def count_classes(self, first_slot: int, n_slots: int) -> npt.NDArray[np.int64]:
-        counts = np.zeros(len(IntensityClass), dtype=np.int64)
-        for lo in range(first_slot, first_slot + n_slots, CHUNK):
-            hi = min(first_slot + n_slots, lo + CHUNK)
-            _, _, cls = self._link.choices(np.arange(lo, hi, dtype=np.int64))
-            counts += np.bincount(cls, minlength=len(IntensityClass))[: len(IntensityClass)]
-        return counts
+        """Exact counts per class, computed in chunks of the vectorised hash."""
+        return self._link.count_classes(first_slot, n_slots)

@@ -7,29 +7,45 @@ from the same ``[simulation]`` table, and shared *seeds* play the fibre:
   every pulse slot, and the hidden bits of every entangled pair, through a
   counter-based hash, so any slot can be evaluated on its own;
 - ``link_seed`` drives the public parts (sync pattern, pair emission times,
-  which pulses Eve intercepts) and each node's local noise.
+  which pulses Eve intercepts and how) and, with the node's role, each node's
+  local noise (Bob's passive basis choice, dark counts, jitter, afterpulses).
 
 Bob's process derives the photons that reach his detectors from those seeds;
 his node code sees only detector clicks.  Give Bob another
 ``alice_qrng_seed`` and his clicks no longer carry Alice's bits (~50 % QBER),
-while timing, which is public, still locks.
+while timing, which is public (``link_seed``), still locks.
 
 Model (Ma et al., PRA 72, 012326, 2005): channel transmittance
-``eta_ch = 10^(-alpha*L/10)``; a pulse of mean photon number ``mu`` gives a
-Poisson(``eta*mu``) number of detected photons.  Bob chooses his basis
-passively (50/50 beamsplitter); each detected photon ends in the detector of
-its basis and bit, flipped with probability ``misalignment``.  Dark counts,
-afterpulses, dead time, timing jitter and Bob's clock (offset, ppm drift)
-follow each detector's own parameters.
+``eta_ch = 10^(-alpha*L/10)``, ``eta = eta_ch * eta_det``; a pulse of mean
+photon number ``mu`` gives a Poisson(``eta*mu``) number of detected photons.
+Bob chooses his basis passively (50/50 beamsplitter) per photon; each detected
+photon ends in the detector of its basis and bit (Alice's bit when the bases
+agree, flipped with probability ``misalignment``; random otherwise).  Dark
+counts, afterpulses, dead time, timing jitter and Bob's clock (offset, ppm
+drift) follow each detector's own parameters.
+
+Cost grows with detections, not pulse slots: candidate slots are drawn with
+geometric gaps at the click probability of the brightest class and thinned to
+each slot's own class (an exact per-slot Bernoulli), so 1 GHz sources work.
 
 Clocks: Alice's is the reference.  Slot ``k`` leaves Alice at ``k*period_ps``;
 a photon reaches Bob ``flight_ps = L*n/c`` later; Bob's tagger reads
 ``offset + (1 + drift) * t_true``.
 
-Sync schedule (qubit-based synchronisation, Calderaro et al. 2020): during
-true time ``[0, sync_duration_ps)`` the source emits the public sync pattern
-(slot bright with probability ``sync_density``, vacuum otherwise); after it,
-the decoy-state BB84 stream.
+Sync schedule (qubit-based synchronisation, Calderaro et al. 2020): the laser's
+mode is not visible in Bob's process, so the schedule is part of the shared
+config.  During true time ``[0, sync_duration_ps)`` (by emission time, i.e.
+slots ``k < ceil(sync_duration_ps / period_ps)``) the source emits the public
+sync pattern: slot ``k`` is bright (class SYNC, mean photon number
+``mu_signal``, basis Z, bit from Alice's QRNG) iff
+``hash(link_seed, SYNC, k) < sync_density``, vacuum otherwise.  From
+``sync_duration_ps`` on it emits the decoy-state BB84 stream.
+
+Gated detectors (BB84 only: the gates follow the pulse slots) have
+``dark_count_rate_hz * period`` dark-click probability per gate, i.e. the
+configured rate is what the detector shows when gated at the pulse rate; their
+dark clicks and afterpulses fall at gate times.  Under BBM92 there are no gates
+and every detector runs free.
 """
 
 from __future__ import annotations
@@ -48,29 +64,51 @@ from qnoded.contracts import IntensityClass
 C_M_PER_S = 299_792_458.0
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
+U64 = npt.NDArray[np.uint64]
 F64 = npt.NDArray[np.float64]
 
 # Stream identifiers for the counter-based hash: one per independent use.
-_CHOICE, _SYNC, _EVE, _EVE_BASIS, _EVE_BIT = 1, 2, 3, 4, 5
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_CHOICE, _SYNC, _EVE = 1, 2, 3
+_M = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+CHUNK = 1 << 22  # slots per vectorised step: bounds memory for long ranges
+JITTER_CLIP = 10.0  # gaussian jitter is cut at this many sigma (never reached in practice)
 
 
-def _splitmix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """SplitMix64 finaliser (Steele et al. 2014), vectorised; wraps mod 2^64."""
+def _mix_int(z: int) -> int:
+    """The SplitMix64 output function on a Python int (for keys)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M
+    return z ^ (z >> 31)
+
+
+def _mix(z: U64) -> U64:
+    """The SplitMix64 output function (Steele et al. 2014), vectorised, in place."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def stream_key(seed: int, stream: int) -> int:
+    """A 64-bit key per (seed, stream)."""
+    return _mix_int((_mix_int((seed + _GAMMA) & _M) ^ stream) + _GAMMA & _M)
+
+
+def hash_bits(seed: int, stream: int, index: I64) -> U64:
+    """64 random bits per index, a pure function of (seed, stream, index).
+
+    It is SplitMix64's ``index + 1``-th output from state ``stream_key``: a
+    counter-based generator, so any index is evaluated on its own.
+    """
+    key = np.uint64(stream_key(seed, stream))
     with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def hash_bits(seed: int, stream: int, index: I64) -> npt.NDArray[np.uint64]:
-    """64 random bits for each index, a pure function of (seed, stream, index)."""
-    key = _splitmix64(
-        np.array([(seed * 1_000_003 + stream) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
-    )[0]
-    with np.errstate(over="ignore"):
-        return _splitmix64(index.astype(np.uint64) ^ key)
+        z = np.asarray(index).astype(np.uint64) * np.uint64(_GAMMA)
+        z += key
+        z += np.uint64(_GAMMA)
+        return _mix(z)
 
 
 def hash_uniform(seed: int, stream: int, index: I64) -> F64:
@@ -78,21 +116,35 @@ def hash_uniform(seed: int, stream: int, index: I64) -> F64:
     return (hash_bits(seed, stream, index) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def _threshold(p: float) -> int | None:
+    """``h < threshold`` has probability ``p`` for uniform 64-bit ``h``; None for p >= 1."""
+    return None if p >= 1.0 else min(_M, int(p * 2.0**64))
+
+
+def _below(h: U64, thr: int | None) -> npt.NDArray[np.bool_]:
+    if thr is None:
+        return np.ones(h.shape, dtype=bool)
+    return h < np.uint64(thr)
+
+
 @dataclass(frozen=True, slots=True)
 class LinkParams:
-    """The ``[simulation]`` table, validated.  Units are in the names."""
+    """The ``[simulation]`` table, validated.  Units are in the names.
+
+    Integer keys accept integral floats (TOML ``1e10``).
+    """
 
     link_seed: int = 1
     alice_qrng_seed: int = 2
     distance_km: float = 25.0
     attenuation_db_per_km: float = 0.2
     fibre_index: float = 1.468
-    pulse_rate_hz: float = 1e7
+    pulse_rate_hz: float = 1e8
     mu_signal: float = 0.5
     mu_decoy: float = 0.1
     p_signal: float = 0.8
     p_decoy: float = 0.1
-    sync_density: float = 0.01
+    sync_density: float = 1e-3
     sync_duration_ps: int = 1_000_000_000_000
     misalignment: float = 0.01
     eve_fraction: float = 0.0
@@ -105,46 +157,57 @@ class LinkParams:
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any] | None) -> LinkParams:
-        table = dict(table or {})
+        """Build from a config table; an unknown key or a bad value raises
+        ``ValueError`` naming the key."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
-        for key, value in table.items():
+        for key, raw in dict(table or {}).items():
             if key not in fields:
                 raise ValueError(
                     f"[simulation] {key}: unknown key (valid: {', '.join(sorted(fields))})"
                 )
             default = fields[key].default
+            number = isinstance(raw, int | float) and not isinstance(raw, bool)
+            value: Any = raw
             if isinstance(default, bool):
-                ok = isinstance(value, bool)
+                ok = isinstance(raw, bool)
             elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool)
+                ok = number and math.isfinite(raw) and float(raw).is_integer()
+                value = int(raw) if ok else raw
             else:
-                ok = isinstance(value, int | float) and not isinstance(value, bool)
+                ok = number and math.isfinite(raw)
+                value = float(raw) if ok else raw
             if not ok:
                 raise ValueError(
-                    f"[simulation] {key}: expected {type(default).__name__}, got {value!r}"
+                    f"[simulation] {key}: expected a finite {type(default).__name__}, got {raw!r}"
                 )
-            values[key] = float(value) if isinstance(default, float) else value
+            values[key] = value
         p = cls(**values)
         p.validate()
         return p
 
     def validate(self) -> None:
+        """Raise ``ValueError`` naming the first key out of range."""
         checks = [
-            ("distance_km", self.distance_km >= 0),
+            ("link_seed", 0 <= self.link_seed <= _M),
+            ("alice_qrng_seed", 0 <= self.alice_qrng_seed <= _M),
+            ("distance_km", 0 <= self.distance_km <= 1e5),
             ("attenuation_db_per_km", self.attenuation_db_per_km >= 0),
+            ("fibre_index", 1.0 <= self.fibre_index <= 5.0),
             ("pulse_rate_hz", 1e3 <= self.pulse_rate_hz <= 1e10),
-            ("mu_signal", self.mu_signal > 0),
+            ("mu_signal", 0 < self.mu_signal <= 100),
             ("mu_decoy", 0 <= self.mu_decoy < self.mu_signal),
             ("p_signal", 0 < self.p_signal <= 1),
-            ("p_decoy", self.p_decoy >= 0 and self.p_signal + self.p_decoy <= 1),
+            ("p_decoy", 0 <= self.p_decoy <= 1 and self.p_signal + self.p_decoy <= 1 + 1e-12),
             ("sync_density", 0 < self.sync_density <= 1),
+            ("sync_duration_ps", self.sync_duration_ps >= 0),
             ("misalignment", 0 <= self.misalignment <= 0.5),
             ("eve_fraction", 0 <= self.eve_fraction <= 1),
+            ("bob_clock_offset_ps", abs(self.bob_clock_offset_ps) <= 10**15),
             ("bob_clock_drift_ppm", abs(self.bob_clock_drift_ppm) <= 1000),
             ("pair_rate_hz", 0 < self.pair_rate_hz <= 1e9),
             ("alice_local_efficiency", 0 < self.alice_local_efficiency <= 1),
-            ("batch_duration_ps", self.batch_duration_ps >= 1_000_000),
+            ("batch_duration_ps", 1_000_000 <= self.batch_duration_ps <= 10**13),
         ]
         for key, ok in checks:
             if not ok:
@@ -152,24 +215,35 @@ class LinkParams:
 
     @property
     def period_ps(self) -> int:
+        """Slot period, ``1e12 / pulse_rate_hz`` rounded to the picosecond.
+
+        The true pulse rate is then ``1e12 / period_ps`` (what the laser reports).
+        """
         return round(1e12 / self.pulse_rate_hz)
 
     @property
     def transmittance(self) -> float:
-        return 10 ** (-self.attenuation_db_per_km * self.distance_km / 10)
+        """Fibre transmittance ``10^(-alpha L / 10)``."""
+        return float(10 ** (-self.attenuation_db_per_km * self.distance_km / 10))
 
     @property
     def flight_ps(self) -> int:
+        """Time of flight ``L n / c``."""
         return round(self.distance_km * 1e3 * self.fibre_index / C_M_PER_S * 1e12)
 
     @property
     def drift(self) -> float:
         return self.bob_clock_drift_ppm * 1e-6
 
+    @property
+    def sync_end_slot(self) -> int:
+        """First slot of the key stream: slots below it carry the sync pattern."""
+        return -(-self.sync_duration_ps // self.period_ps)
+
 
 @dataclass(frozen=True, slots=True)
 class DetectorPhysics:
-    """What the link needs to know of one detector."""
+    """What the link needs to know of one detector (a snapshot per chunk)."""
 
     channel: int
     efficiency: float
@@ -190,57 +264,112 @@ class Clicks:
     ch: U8
 
 
+def _empty() -> Clicks:
+    return Clicks(np.empty(0, np.int64), np.empty(0, np.uint8))
+
+
 class SimulatedLink:
-    """Alice's choices and the clicks each node's detectors see."""
+    """Alice's choices and the clicks each node's detectors see.
+
+    ``clicks`` is called for consecutive true-time chunks; the link keeps
+    per-channel state between chunks (last click for dead time, afterpulses
+    that fall in a later chunk).  ``reset`` forgets it.
+    """
 
     def __init__(self, params: LinkParams, protocol: str, role: str) -> None:
         if protocol not in ("bb84", "bbm92"):
             raise ValueError(f"protocol {protocol!r}: the simulation knows bb84 and bbm92")
+        if role not in ("alice", "bob"):
+            raise ValueError(f"role {role!r}: expected 'alice' or 'bob'")
         self.p = params
         self.protocol = protocol
         self.role = role
         self._mu = np.array([params.mu_signal, params.mu_decoy, 0.0, params.mu_signal])
-        # last click time per channel (true ps), for dead time across chunks
+        self._thr_signal = _threshold(params.p_signal)
+        self._thr_decoy = _threshold(params.p_signal + params.p_decoy)
+        self._thr_sync = _threshold(params.sync_density)
+        self._thr_eve = _threshold(params.eve_fraction)
+        # last click per channel (true ps), for dead time across chunks
         self.last_click: dict[int, int] = {}
+        # afterpulses that fall after the chunk that made them, per channel
+        self._after: dict[int, I64] = {}
+        self._pair_cache: dict[int, tuple[I64, U8, U8, I64]] = {}
 
-    # -- Alice's choices (pure functions of the seed and the slot) -----------------
+    def reset(self) -> None:
+        """Forget the detector state carried between chunks (a new stream)."""
+        self.last_click.clear()
+        self._after.clear()
+
+    # -- Alice's choices (pure functions of the seeds and the slot) ----------------
     def choices(self, slots: I64) -> tuple[U8, U8, U8]:
         """Basis, bit and intensity class of each slot, as emitted."""
         p = self.p
+        slots = np.asarray(slots, dtype=np.int64)
         h = hash_bits(p.alice_qrng_seed, _CHOICE, slots)
         basis = (h & np.uint64(1)).astype(np.uint8)
         bit = ((h >> np.uint64(1)) & np.uint64(1)).astype(np.uint8)
-        u = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
-        intensity = np.full(slots.shape[0], IntensityClass.VACUUM, dtype=np.uint8)
-        intensity[u < p.p_signal + p.p_decoy] = IntensityClass.DECOY
-        intensity[u < p.p_signal] = IntensityClass.SIGNAL
-        in_sync = slots * p.period_ps < p.sync_duration_ps
+        # classes from the high bits: SIGNAL below p_signal, DECOY below p_s + p_d
+        intensity = (~_below(h, self._thr_signal)).astype(np.uint8)
+        intensity += ~_below(h, self._thr_decoy)
+        in_sync = slots < p.sync_end_slot
         if np.any(in_sync):
-            bright = hash_uniform(p.link_seed, _SYNC, slots) < p.sync_density
-            intensity[in_sync] = np.where(
-                bright[in_sync], IntensityClass.SYNC, IntensityClass.VACUUM
-            )
+            bright = _below(hash_bits(p.link_seed, _SYNC, slots[in_sync]), self._thr_sync)
+            intensity[in_sync] = np.where(bright, IntensityClass.SYNC, IntensityClass.VACUUM)
             basis[in_sync] = 0
         return basis, bit, intensity
 
-    def sync_slots(self, first: int, n: int) -> I64:
-        """Bright slots of the public sync pattern in ``[first, first + n)``."""
+    def count_classes(self, first: int, n: int) -> I64:
+        """Exact number of pulses of each class in slots ``[first, first + n)``."""
         p = self.p
-        last = min(first + n, -(-p.sync_duration_ps // p.period_ps))
+        counts = np.zeros(len(IntensityClass), dtype=np.int64)
+        last = first + max(0, n)
+        split = min(max(first, p.sync_end_slot), last)
+        for lo in range(first, split, CHUNK):  # the sync pattern
+            hi = min(split, lo + CHUNK)
+            h = hash_bits(p.link_seed, _SYNC, np.arange(lo, hi, dtype=np.int64))
+            bright = int(np.count_nonzero(_below(h, self._thr_sync)))
+            counts[IntensityClass.SYNC] += bright
+            counts[IntensityClass.VACUUM] += hi - lo - bright
+        for lo in range(split, last, CHUNK):  # the decoy-state stream
+            hi = min(last, lo + CHUNK)
+            h = hash_bits(p.alice_qrng_seed, _CHOICE, np.arange(lo, hi, dtype=np.int64))
+            n_sig = int(np.count_nonzero(_below(h, self._thr_signal)))
+            n_low = int(np.count_nonzero(_below(h, self._thr_decoy)))
+            counts[IntensityClass.SIGNAL] += n_sig
+            counts[IntensityClass.DECOY] += n_low - n_sig
+            counts[IntensityClass.VACUUM] += hi - lo - n_low
+        return counts
+
+    def sync_slots(self, first: int, n: int) -> I64:
+        """Bright slots of the public sync pattern in ``[first, first + n)``, ascending."""
+        p = self.p
+        last = min(first + n, p.sync_end_slot)
         if last <= first:
             return np.empty(0, dtype=np.int64)
         out = []
-        for lo in range(first, last, 1 << 22):  # chunks bound the memory
-            slots = np.arange(lo, min(last, lo + (1 << 22)), dtype=np.int64)
-            out.append(slots[hash_uniform(p.link_seed, _SYNC, slots) < p.sync_density])
+        for lo in range(first, last, CHUNK):  # chunks bound the memory
+            slots = np.arange(lo, min(last, lo + CHUNK), dtype=np.int64)
+            out.append(slots[_below(hash_bits(p.link_seed, _SYNC, slots), self._thr_sync)])
         return np.concatenate(out)
+
+    def _eve(self, index: I64) -> tuple[npt.NDArray[np.bool_], U8, U8]:
+        """Which of these slots/pairs Eve intercepts, her basis and a random bit."""
+        h = hash_bits(self.p.link_seed, _EVE, index)
+        hit = _below(h, self._thr_eve)
+        basis = (h & np.uint64(1)).astype(np.uint8)
+        rand = ((h >> np.uint64(1)) & np.uint64(1)).astype(np.uint8)
+        return hit, basis, rand
 
     # -- what reaches one node's detectors ----------------------------------------
     def clicks(
         self, t0: int, t1: int, detectors: Mapping[int, DetectorPhysics], rng: np.random.Generator
     ) -> Clicks:
-        """Clicks (true time, channel) in true-time interval ``[t0, t1)``, before
-        dead time and jitter."""
+        """Clicks (true time, channel) in true-time interval ``[t0, t1)``.
+
+        Jitter, dark counts, afterpulses and dead time are applied (dead time
+        on the jittered click times, so consecutive clicks of a channel are
+        at least ``dead_time_ps`` apart).  Call for consecutive chunks.
+        """
         if self.protocol == "bb84":
             if self.role != "bob":
                 raise ValueError("in BB84 only Bob's node has detectors")
@@ -249,115 +378,148 @@ class SimulatedLink:
             photons = self._bbm92_photons(t0, t1, detectors, rng)
         return self._add_noise(photons, t0, t1, detectors, rng)
 
+    def _slot_range(self, t0: int, t1: int) -> tuple[int, int]:
+        """Slots whose photons arrive in true ``[t0, t1)`` (the source starts at 0)."""
+        period, flight = self.p.period_ps, self.p.flight_ps
+        k0 = max(0, -(-(t0 - flight) // period))
+        k1 = max(k0, -(-(t1 - flight) // period))
+        return k0, k1
+
     def _bb84_photons(
         self, t0: int, t1: int, detectors: Mapping[int, DetectorPhysics], rng: np.random.Generator
     ) -> Clicks:
         p = self.p
-        period, flight = p.period_ps, p.flight_ps
-        k0, k1 = -(-(t0 - flight) // period), -(-(t1 - flight) // period)
-        k0 = max(k0, 0)
-        if k1 <= k0:
-            return Clicks(np.empty(0, np.int64), np.empty(0, np.uint8))
-        eta_det = float(np.mean([d.efficiency for d in detectors.values()])) if detectors else 0.0
-        eta = p.transmittance * eta_det
-        p_max = 1 - math.exp(-eta * float(self._mu.max()))
-        n_slots = k1 - k0
+        k0, k1 = self._slot_range(t0, t1)
+        if k1 <= k0 or not detectors:
+            return _empty()
+        eff_max = max(d.efficiency for d in detectors.values())
+        eta = p.transmittance * eff_max
+        p_max = -math.expm1(-eta * float(self._mu.max()))
         if p_max <= 0:
-            return Clicks(np.empty(0, np.int64), np.empty(0, np.uint8))
-        # Candidate slots at the highest intensity's click probability
-        # (geometric gaps), then thinned to each slot's own probability: an
-        # exact per-slot Bernoulli at a cost that grows with clicks, not slots.
+            return _empty()
+        n_slots = k1 - k0
+        # Candidate slots at the brightest class's click probability (geometric
+        # gaps), then thinned to each slot's own probability: an exact per-slot
+        # Bernoulli at a cost that grows with clicks, not slots.
         expect = n_slots * p_max
-        gaps = rng.geometric(p_max, size=int(expect + 6 * math.sqrt(expect) + 16))
-        pos = np.cumsum(gaps) - 1
-        while pos[-1] < n_slots - 1:
-            more = rng.geometric(p_max, size=max(16, int(0.1 * expect)))
-            pos = np.concatenate([pos, pos[-1] + np.cumsum(more)])
+        parts = [np.cumsum(rng.geometric(p_max, size=int(expect + 6 * math.sqrt(expect) + 16)))]
+        while parts[-1][-1] < n_slots:
+            more = rng.geometric(p_max, size=int(0.1 * expect) + 16)
+            parts.append(parts[-1][-1] + np.cumsum(more))
+        pos = np.concatenate(parts) - 1
         slots = k0 + pos[pos < n_slots].astype(np.int64)
         basis_a, bit_a, cls = self.choices(slots)
         lam = eta * self._mu[cls]
-        accept = rng.random(slots.shape[0]) * p_max < 1 - np.exp(-lam)
+        accept = rng.random(slots.shape[0]) * p_max < -np.expm1(-lam)
         slots, basis_a, bit_a, lam = slots[accept], basis_a[accept], bit_a[accept], lam[accept]
-        # Intercept-resend: Eve measures in a random basis and resends what she saw.
         if p.eve_fraction > 0:
-            hit = hash_uniform(p.link_seed, _EVE, slots) < p.eve_fraction
-            eve_basis = (hash_bits(p.link_seed, _EVE_BASIS, slots) & np.uint64(1)).astype(np.uint8)
-            eve_rand = (hash_bits(p.link_seed, _EVE_BIT, slots) & np.uint64(1)).astype(np.uint8)
+            # Intercept-resend: Eve measures in a random basis and resends what
+            # she saw; her result is Alice's bit when her basis matches, else
+            # random.  Loss is unchanged (she resends through a lossless line).
+            hit, eve_basis, eve_rand = self._eve(slots)
             eve_bit = np.where(eve_basis == basis_a, bit_a, eve_rand)
             basis_a = np.where(hit, eve_basis, basis_a).astype(np.uint8)
             bit_a = np.where(hit, eve_bit, bit_a).astype(np.uint8)
+        # Detected photons per slot: zero-truncated Poisson; each photon picks
+        # Bob's basis at the beamsplitter on its own.
         n_ph = _zero_truncated_poisson(lam, rng)
-        times: list[I64] = []
-        chans: list[U8] = []
-        t_arr = slots * period + flight
-        for j in range(int(n_ph.max()) if n_ph.shape[0] else 0):
-            m = n_ph > j
-            b_basis = rng.integers(0, 2, int(m.sum())).astype(np.uint8)
-            same = b_basis == basis_a[m]
-            flip = (rng.random(size=int(b_basis.shape[0])) < p.misalignment).astype(np.uint8)
-            rand = rng.integers(0, 2, b_basis.shape[0]).astype(np.uint8)
-            b_bit = np.where(same, bit_a[m] ^ flip, rand)
-            times.append(t_arr[m])
-            chans.append((b_basis * 2 + b_bit).astype(np.uint8))
-        return _merge(times, chans)
+        idx = np.repeat(np.arange(slots.shape[0]), n_ph)
+        b_basis = rng.integers(0, 2, idx.shape[0]).astype(np.uint8)
+        flip = (rng.random(idx.shape[0]) < p.misalignment).astype(np.uint8)
+        rand = rng.integers(0, 2, idx.shape[0]).astype(np.uint8)
+        b_bit = np.where(b_basis == basis_a[idx], bit_a[idx] ^ flip, rand)
+        t = slots[idx] * p.period_ps + p.flight_ps
+        photons = Clicks(t, (2 * b_basis + b_bit).astype(np.uint8))
+        return self._efficiency_thin(photons, detectors, rng)
 
-    def _pairs(self, t0: int, t1: int) -> tuple[I64, U8, U8, I64]:
-        """Pairs emitted in true ``[t0, t1)``: times, hidden Z and X bits, ids.
+    @staticmethod
+    def _efficiency_thin(
+        photons: Clicks, detectors: Mapping[int, DetectorPhysics], rng: np.random.Generator
+    ) -> Clicks:
+        """Photons were drawn at the best detector's efficiency; each detector
+        keeps its share ``efficiency / max efficiency`` (an exact thinning)."""
+        eff = np.zeros(256)
+        for ch, d in detectors.items():
+            eff[ch] = d.efficiency
+        ratio = eff[photons.ch] / max(eff.max(), 1e-300)
+        if np.all(ratio == 1.0):
+            return photons
+        keep = rng.random(photons.t.shape[0]) < ratio
+        return Clicks(photons.t[keep], photons.ch[keep])
 
-        Pairs are generated per chunk of ``batch_duration_ps`` of true time
-        from ``link_seed`` so both processes draw the same ones.  |Phi+> is
-        perfectly correlated in Z and in X; a hidden bit per basis reproduces
-        exactly the Z/X statistics that BBM92 sifting uses (not a Bell test).
+    def _pair_chunk(self, c: int) -> tuple[I64, U8, U8, I64]:
+        """Pairs emitted in true ``[c*d, (c+1)*d)``, ``d = batch_duration_ps``.
+
+        Drawn from ``Philox(key=link_seed, counter=c)`` so both processes get
+        the same ones.  |Phi+> is perfectly correlated in Z and in X; a hidden
+        bit per basis (from ``alice_qrng_seed`` and the pair id) reproduces
+        exactly the Z/X statistics that BBM92 sifting uses (it is a local
+        hidden-variable model: no Bell test can be run on it).
         """
+        hit = self._pair_cache.get(c)
+        if hit is not None:
+            return hit
         p = self.p
         d = p.batch_duration_ps
-        out_t, out_z, out_x, out_id = [], [], [], []
-        for c in range(max(0, t0 // d), -(-t1 // d)):  # the source starts at t = 0
-            g = np.random.Generator(np.random.Philox(key=p.link_seed, counter=c))
-            n = g.poisson(p.pair_rate_hz * d * 1e-12)
-            t = np.sort(g.integers(c * d, (c + 1) * d, n))
-            ids = c * (1 << 32) + np.arange(n, dtype=np.int64)
-            h = hash_bits(p.alice_qrng_seed, _CHOICE, ids)
-            m = (t >= t0) & (t < t1)
-            out_t.append(t[m])
-            out_z.append((h[m] & np.uint64(1)).astype(np.uint8))
-            out_x.append(((h[m] >> np.uint64(1)) & np.uint64(1)).astype(np.uint8))
-            out_id.append(ids[m])
-        if not out_t:
+        g = np.random.Generator(np.random.Philox(key=p.link_seed, counter=c))
+        n = int(g.poisson(p.pair_rate_hz * d * 1e-12))
+        t = np.sort(g.integers(c * d, (c + 1) * d, n, dtype=np.int64))
+        ids = c * (1 << 32) + np.arange(n, dtype=np.int64)
+        h = hash_bits(p.alice_qrng_seed, _CHOICE, ids)
+        out = (
+            t,
+            (h & np.uint64(1)).astype(np.uint8),
+            ((h >> np.uint64(1)) & np.uint64(1)).astype(np.uint8),
+            ids,
+        )
+        if len(self._pair_cache) >= 4:
+            self._pair_cache.pop(next(iter(self._pair_cache)))
+        self._pair_cache[c] = out
+        return out
+
+    def _pairs(self, t0: int, t1: int) -> tuple[I64, U8, U8, I64]:
+        """Pairs emitted in true ``[t0, t1)``: times, hidden Z and X bits, ids."""
+        d = self.p.batch_duration_ps
+        chunks = [self._pair_chunk(c) for c in range(max(0, t0 // d), max(0, -(-t1 // d)))]
+        if not chunks:
             e = np.empty(0, np.int64)
             return e, e.astype(np.uint8), e.astype(np.uint8), e
-        return (
-            np.concatenate(out_t),
-            np.concatenate(out_z),
-            np.concatenate(out_x),
-            np.concatenate(out_id),
-        )
+        t, z, x, ids = (np.concatenate(a) for a in zip(*chunks, strict=True))
+        m = (t >= t0) & (t < t1)
+        return t[m], z[m], x[m], ids[m]
 
     def _bbm92_photons(
         self, t0: int, t1: int, detectors: Mapping[int, DetectorPhysics], rng: np.random.Generator
     ) -> Clicks:
         p = self.p
-        eta_det = float(np.mean([d.efficiency for d in detectors.values()])) if detectors else 0.0
+        if not detectors:
+            return _empty()
+        eff_max = max(d.efficiency for d in detectors.values())
         # The source sits at Alice: her photon is detected locally, Bob's
         # crosses the fibre and arrives flight_ps later.
         if self.role == "alice":
-            shift, eta = 0, p.alice_local_efficiency * eta_det
+            shift, eta = 0, p.alice_local_efficiency * eff_max
         else:
-            shift, eta = p.flight_ps, p.transmittance * eta_det
+            shift, eta = p.flight_ps, p.transmittance * eff_max
         t, zbit, xbit, ids = self._pairs(t0 - shift, t1 - shift)
         if self.role == "bob" and p.eve_fraction > 0:
-            hit = hash_uniform(p.link_seed, _EVE, ids) < p.eve_fraction
-            eve_x = (hash_bits(p.link_seed, _EVE_BASIS, ids) & np.uint64(1)).astype(bool)
-            rand = (hash_bits(p.link_seed, _EVE_BIT, ids) & np.uint64(1)).astype(np.uint8)
+            hit, eve_basis, rand = self._eve(ids)
             # Eve measured one basis: that hidden bit survives, the other is random.
+            eve_x = eve_basis.astype(bool)
             zbit = np.where(hit & eve_x, rand, zbit).astype(np.uint8)
             xbit = np.where(hit & ~eve_x, rand, xbit).astype(np.uint8)
-        seen = rng.random(size=int(t.shape[0])) < eta
-        basis = rng.integers(0, 2, int(seen.sum())).astype(np.uint8)
+        seen: npt.NDArray[np.bool_] = rng.random(int(t.shape[0])) < eta
+        basis = rng.integers(0, 2, int(np.count_nonzero(seen))).astype(np.uint8)
         bit = np.where(basis == 0, zbit[seen], xbit[seen]).astype(np.uint8)
         if self.role == "bob":
-            bit ^= (rng.random(size=int(bit.shape[0])) < p.misalignment).astype(np.uint8)
-        return Clicks(t[seen] + shift, (basis * 2 + bit).astype(np.uint8))
+            bit ^= (rng.random(int(bit.shape[0])) < p.misalignment).astype(np.uint8)
+        photons = Clicks(t[seen] + shift, (2 * basis + bit).astype(np.uint8))
+        return self._efficiency_thin(photons, detectors, rng)
+
+    def _gate(self, t: I64) -> I64:
+        """The next gate (photon arrival time of a slot) at or after each time."""
+        period, flight = self.p.period_ps, self.p.flight_ps
+        return -(-(t - flight) // period) * period + flight
 
     def _add_noise(
         self,
@@ -370,93 +532,141 @@ class SimulatedLink:
         p = self.p
         times: list[I64] = []
         chans: list[U8] = []
-        for ch, det in detectors.items():
+        for ch, det in sorted(detectors.items()):
             if det.latched:
-                continue  # a latched detector is blind: no photon or dark clicks
-            t_ch = photons.t[photons.ch == ch]
-            # Photons are detected with the link's mean efficiency; a detector
-            # below the mean loses the difference here.
-            mean_eff = float(np.mean([d.efficiency for d in detectors.values()]))
-            if det.efficiency < mean_eff:
-                t_ch = t_ch[rng.random(t_ch.shape[0]) < det.efficiency / mean_eff]
-            n_dark = rng.poisson(det.dark_count_rate_hz * (t1 - t0) * 1e-12)
-            dark = rng.integers(t0, t1, n_dark)
-            if det.gated and self.protocol == "bb84":
-                # A gated detector only clicks inside its gates, at the slots.
-                dark = (dark - p.flight_ps) // p.period_ps * p.period_ps + p.flight_ps
-                dark = dark[dark >= t0]
-            t_ch = np.sort(np.concatenate([t_ch, dark]))
-            t_ch = self._dead_time(ch, t_ch, det.dead_time_ps)
-            if det.afterpulse_probability > 0 and t_ch.shape[0]:
-                parent = t_ch[rng.random(t_ch.shape[0]) < det.afterpulse_probability]
-                after = (
-                    parent
-                    + det.dead_time_ps
-                    + rng.exponential(det.afterpulse_decay_ps, parent.shape[0]).astype(np.int64)
+                # A latched detector is blind: no photon, dark or after clicks.
+                self._after.pop(ch, None)
+                continue
+            gated = det.gated and self.protocol == "bb84"
+            if gated:
+                k0, k1 = self._slot_range(t0, t1)
+                n_dark = rng.poisson(det.dark_count_rate_hz * p.period_ps * 1e-12 * (k1 - k0))
+                dark = rng.integers(k0, max(k1, k0 + 1), n_dark) * p.period_ps + p.flight_ps
+            else:
+                n_dark = rng.poisson(det.dark_count_rate_hz * (t1 - t0) * 1e-12)
+                dark = rng.integers(t0, t1, n_dark, dtype=np.int64)
+            raw = np.concatenate([photons.t[photons.ch == ch], dark])
+            raw = raw + _jitter(det.jitter_ps, raw.shape[0], rng)
+            carried = self._after.pop(ch, np.empty(0, np.int64))
+            later = carried[carried >= t1]
+            t_ch = np.sort(np.concatenate([raw, carried[carried < t1]]))
+            prev = self.last_click.get(ch)
+            if prev is not None:
+                t_ch = t_ch[t_ch >= prev + det.dead_time_ps]
+            t_ch = _dead_filter(t_ch, det.dead_time_ps)
+            if det.afterpulse_probability > 0:
+                t_ch, more = self._afterpulses(
+                    t_ch, t1=t1, det=det, gated=gated, prev=prev, rng=rng
                 )
-                after = after[after < t1]
-                if after.shape[0]:
-                    # re-filter with the afterpulses in (an afterpulse is a click too)
-                    t_ch = np.sort(np.concatenate([t_ch, after]))
-                    t_ch = _dead_filter(t_ch, det.dead_time_ps)
-                    self.last_click[ch] = int(t_ch[-1])
+                later = np.concatenate([later, more])
+            if later.shape[0]:
+                self._after[ch] = np.sort(later)
+            if t_ch.shape[0]:
+                self.last_click[ch] = int(t_ch[-1])
             times.append(t_ch)
             chans.append(np.full(t_ch.shape[0], ch, dtype=np.uint8))
         return _merge(times, chans)
 
-    def _dead_time(self, ch: int, t: I64, dead_ps: int) -> I64:
-        last = self.last_click.get(ch)
-        if last is not None:
-            t = t[t >= last + dead_ps]
-        t = _dead_filter(t, dead_ps)
-        if t.shape[0]:
-            self.last_click[ch] = int(t[-1])
-        return t
+    def _afterpulses(
+        self,
+        t_ch: I64,
+        *,
+        t1: int,
+        det: DetectorPhysics,
+        gated: bool,
+        prev: int | None,
+        rng: np.random.Generator,
+    ) -> tuple[I64, I64]:
+        """Add afterpulses: after each click, with probability
+        ``afterpulse_probability``, another one ``dead_time + Exp(decay)``
+        later (at the next gate if gated); afterpulses make afterpulses too.
+        Returns the clicks of this chunk and the afterpulses beyond ``t1``."""
+        later: list[I64] = []
+        parents = t_ch
+        for _ in range(64):  # a cascade dies out geometrically
+            src = parents[rng.random(parents.shape[0]) < det.afterpulse_probability]
+            if not src.shape[0]:
+                break
+            delay = rng.exponential(max(det.afterpulse_decay_ps, 1), src.shape[0])
+            ap = src + det.dead_time_ps + delay.astype(np.int64)
+            if gated:
+                ap = self._gate(ap) + _jitter(det.jitter_ps, ap.shape[0], rng)
+            later.append(ap[ap >= t1])
+            ap = ap[ap < t1]
+            if not ap.shape[0]:
+                break
+            merged = np.sort(np.concatenate([t_ch, ap]))
+            if prev is not None:
+                merged = merged[merged >= prev + det.dead_time_ps]
+            t_ch = _dead_filter(merged, det.dead_time_ps)
+            parents = ap[np.isin(ap, t_ch)]
+        return t_ch, (np.concatenate(later) if later else np.empty(0, np.int64))
 
 
-def _zero_truncated_poisson(lam: F64, rng: np.random.Generator, k_max: int = 12) -> I64:
-    """Poisson(lam) conditioned on >= 1, by inverse transform over k = 1..k_max.
+def _jitter(sigma_ps: float, n: int, rng: np.random.Generator) -> I64:
+    """Gaussian timing jitter in integer ps, cut at ``JITTER_CLIP`` sigma."""
+    if sigma_ps <= 0 or n == 0:
+        return np.zeros(n, dtype=np.int64)
+    j = np.clip(rng.normal(0.0, sigma_ps, n), -JITTER_CLIP * sigma_ps, JITTER_CLIP * sigma_ps)
+    return np.rint(j).astype(np.int64)
 
-    Rejection would loop ~1/lam times at the small lam of a lossy link.
+
+def _zero_truncated_poisson(lam: F64, rng: np.random.Generator) -> I64:
+    """Poisson(lam) conditioned on >= 1, by inverse transform.
+
+    ``lam`` takes a few distinct values (one per intensity class), so one CDF
+    table per value; rejection would loop ~1/lam times at a lossy link's lam.
     """
+    n_out = np.ones(lam.shape[0], dtype=np.int64)
     if lam.shape[0] == 0:
-        return np.empty(0, dtype=np.int64)
-    k = np.arange(1, k_max + 1, dtype=np.float64)
-    log_fact = np.cumsum(np.log(k))
-    # P(n = k | n >= 1) = lam^k / k! * e^-lam / (1 - e^-lam)
-    logp = (
-        k[None, :] * np.log(lam[:, None])
-        - log_fact[None, :]
-        - lam[:, None]
-        - np.log(-np.expm1(-lam))[:, None]
-    )
-    cdf = np.cumsum(np.exp(logp), axis=1)
-    u = rng.random(size=int(lam.shape[0]))[:, None]
-    n: I64 = (1 + np.count_nonzero(u > cdf[:, :-1], axis=1)).astype(np.int64)
-    return n
+        return n_out
+    u = rng.random(int(lam.shape[0]))
+    values, inverse = np.unique(lam, return_inverse=True)
+    for i, lv in enumerate(values.tolist()):
+        k_max = int(lv + 12 * math.sqrt(lv) + 12)
+        k = np.arange(1, k_max + 1, dtype=np.float64)
+        # P(n = k | n >= 1) = lam^k / k! * e^-lam / (1 - e^-lam)
+        logp = k * math.log(lv) - np.cumsum(np.log(k)) - lv - math.log(-math.expm1(-lv))
+        cdf = np.cumsum(np.exp(logp))
+        m = inverse == i
+        n_out[m] = 1 + np.minimum(np.searchsorted(cdf, u[m], side="right"), k_max - 1)
+    return n_out
 
 
 def _dead_filter(t: I64, dead_ps: int) -> I64:
-    """Drop clicks within ``dead_ps`` after a kept click (sorted input)."""
+    """Drop clicks within ``dead_ps`` after a kept click (sorted input).
+
+    Vectorised: drop the first too-close click of each run and look again;
+    that converges in a few rounds when rate * dead time << 1.  A saturated
+    detector instead walks the chain of kept clicks (one step per kept click).
+    """
     keep = np.ones(t.shape[0], dtype=bool)
-    while True:
+    for _ in range(8):
         idx = np.flatnonzero(keep)
         if idx.shape[0] < 2:
             return t[keep]
         bad = np.flatnonzero(np.diff(t[idx]) < dead_ps) + 1
         if not bad.shape[0]:
             return t[keep]
-        # Only the first of a run is surely dead; later ones may be revived
-        # once it is gone, so drop firsts and look again.
+        # Only the first of a run is surely dead (its predecessor stays kept);
+        # later ones may be revived once it is gone, so drop firsts and repeat.
         is_bad = np.zeros(idx.shape[0], dtype=bool)
         is_bad[bad] = True
         firsts = bad[~is_bad[bad - 1]]
         keep[idx[firsts]] = False
+    rest = t[keep]
+    nxt = np.searchsorted(rest, rest + dead_ps, side="left").tolist()
+    chain = []
+    i, n = 0, int(rest.shape[0])
+    while i < n:
+        chain.append(i)
+        i = nxt[i]
+    return rest[np.array(chain, dtype=np.int64)]
 
 
 def _merge(times: list[I64], chans: list[U8]) -> Clicks:
     if not times:
-        return Clicks(np.empty(0, np.int64), np.empty(0, np.uint8))
+        return _empty()
     t = np.concatenate(times).astype(np.int64)
     c = np.concatenate(chans).astype(np.uint8)
     order = np.argsort(t, kind="stable")

@@ -1,0 +1,348 @@
+"""Bad input at the node: a peer that sends garbage, a driver that raises or sends bad
+batches, a signal to stop.  Each must give a clear logged error, an alarm and a
+degraded-then-recovering state; never a crash.
+
+The nodes run as `qnoded run` processes.  The faulty driver is a third-party
+package made on the fly (a module plus a ``.dist-info`` with an entry point),
+found through the same entry-point group as ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from qnoded.broker import free_port
+from qnoded.demo import link_parameters, node_config
+
+pytestmark = pytest.mark.slow
+
+FAULTY = '''
+"""A tagger that misbehaves on purpose, for the fault tests."""
+import numpy as np
+from qnoded.contracts import DeviceKind, TagBatch
+from qnoded_drivers.sim.tagger import SimTimeTagger
+
+
+class FaultyTagger(SimTimeTagger):
+    kind = DeviceKind.TIME_TAGGER
+
+    def __init__(self, name, options, context):
+        options = dict(options)
+        self.fault = options.pop("fault")
+        self.at = options.pop("at", 30)
+        super().__init__(name, options, context)
+        self.failed = False
+
+    async def stream(self):
+        async for batch in super().stream():
+            if batch.seq == self.at and not self.failed:
+                self.failed = True
+                if self.fault == "raise":
+                    raise RuntimeError("USB transfer failed (injected)")
+                if self.fault == "unsorted" and len(batch) > 2:
+                    t = batch.timestamps_ps.copy()
+                    t[0], t[1] = t[1] + 1, t[0]
+                    batch = TagBatch(batch.seq, batch.start_ps, batch.stop_ps, t, batch.channels)
+                if self.fault == "dtype":
+                    batch = TagBatch(batch.seq, batch.start_ps, batch.stop_ps,
+                                     batch.timestamps_ps.astype(np.float64), batch.channels)
+            yield batch
+'''
+
+
+def _plugin(tmp: Path) -> Path:
+    site = tmp / "plugin"
+    site.mkdir()
+    (site / "qnoded_faulty.py").write_text(FAULTY)
+    info = site / "qnoded_faulty-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qnoded-faulty\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[qnoded.drivers]\nfaulty-tagger = qnoded_faulty:FaultyTagger\n"
+    )
+    return site
+
+
+def _args(**kw: Any) -> argparse.Namespace:
+    base = {
+        "protocol": "bbm92",
+        "distance_km": 10.0,
+        "eve": 0.0,
+        "seed": 3,
+        "clock_offset_ps": 250_000_000,
+        "drift_ppm": 2.0,
+        "fast": False,
+        "mismatch_seeds": False,
+    }
+    return argparse.Namespace(**(base | kw))
+
+
+class Nodes:
+    """Alice and Bob processes with their configs and logs in one folder."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        broker: tuple[str, int],
+        args: argparse.Namespace,
+        bob_tagger: dict[str, Any] | None = None,
+    ) -> None:
+        self.tmp = tmp
+        self.peer_port = free_port()
+        self.env = dict(os.environ)
+        sim = link_parameters(args)
+        broker_s = f"{broker[0]}:{broker[1]}"
+        for role in ("alice", "bob"):
+            text = node_config(role, args, broker_s, self.peer_port, tmp, sim)
+            if role == "bob" and bob_tagger is not None:
+                body = "".join(f"{k} = {json.dumps(v)}\n" for k, v in bob_tagger.items())
+                text = text.replace(
+                    '[devices.tagger]\ndriver = "sim-tagger"\n', f"[devices.tagger]\n{body}"
+                )
+            (tmp / f"{role}.toml").write_text(text)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, role: str) -> None:
+        log = open(self.tmp / f"{role}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.procs[role] = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qnoded",
+                "--log-format",
+                "json",
+                "run",
+                "--config",
+                str(self.tmp / f"{role}.toml"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        log.close()
+
+    def stop(self, role: str) -> float:
+        """SIGTERM; returns how long the node took to exit."""
+        p = self.procs[role]
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=15)
+        return time.monotonic() - t0
+
+    def log(self, role: str) -> list[dict[str, Any]]:
+        out = []
+        for line in (self.tmp / f"{role}.log").read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": line})
+        return out
+
+    def kill_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def nodes_factory(tmp_path: Path, mqtt_broker: tuple[str, int]) -> Iterator[Any]:
+    made: list[Nodes] = []
+
+    def make(**kw: Any) -> Nodes:
+        n = Nodes(tmp_path, mqtt_broker, **kw)
+        made.append(n)
+        return n
+
+    yield make
+    for n in made:
+        n.kill_all()
+
+
+async def watch(
+    broker: tuple[str, int], node: str, until: Any, timeout: float = 30.0
+) -> dict[str, list[dict[str, Any]]]:
+    """Collect a node's telemetry, alarms and status until ``until(seen)`` holds."""
+    seen: dict[str, list[dict[str, Any]]] = {"telemetry": [], "alarms": [], "status": []}
+    async with aiomqtt.Client(broker[0], broker[1]) as client:
+        for leaf in seen:
+            await client.subscribe(f"qkd/v1/{node}/{leaf}")
+        async with asyncio.timeout(timeout):
+            async for msg in client.messages:
+                data = json.loads(msg.payload if isinstance(msg.payload, bytes) else b"{}")
+                seen[str(msg.topic).rsplit("/", 1)[1]].append(data)
+                if until(seen):
+                    break
+    return seen
+
+
+def test_garbage_peer_is_rejected_and_node_recovers(
+    nodes_factory: Any, mqtt_broker: tuple[str, int]
+) -> None:
+    nodes = nodes_factory(args=_args())
+    nodes.start("alice")
+    deadline = time.monotonic() + 20
+    while True:  # wait for Alice's listener
+        try:
+            with socket.create_connection(("127.0.0.1", nodes.peer_port), timeout=0.5) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: qnoded\r\n\r\n" + os.urandom(200))
+                s.settimeout(5)
+                assert s.recv(100) == b""  # Alice hangs up on garbage
+            break
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline, "alice never listened"
+            time.sleep(0.2)
+    nodes.start("bob")
+    seen = asyncio.run(
+        watch(
+            mqtt_broker,
+            "alice",
+            lambda s: bool(s["telemetry"]) and s["telemetry"][-1]["sifted_bits"] > 1000,
+        )
+    )
+    tele = seen["telemetry"]
+    assert tele[-1]["locked"]
+    assert nodes.procs["alice"].poll() is None
+    rejected = [e for e in nodes.log("alice") if e.get("event") == "peer rejected"]
+    assert rejected
+    assert "bad magic" in rejected[0]["error"]
+    assert nodes.stop("bob") < 5
+    assert nodes.stop("alice") < 5
+    assert nodes.procs["alice"].returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("fault", "words"),
+    [
+        ("raise", "USB transfer failed (injected)"),
+        ("unsorted", "not sorted ascending at index 1"),
+        ("dtype", "must be a 1-d int64 array, got float64"),
+    ],
+)
+def test_driver_faults_degrade_then_recover(
+    fault: str, words: str, nodes_factory: Any, mqtt_broker: tuple[str, int], tmp_path: Path
+) -> None:
+    site = _plugin(tmp_path)
+    nodes = nodes_factory(
+        args=_args(), bob_tagger={"driver": "faulty-tagger", "fault": fault, "at": 150}
+    )
+    nodes.env["PYTHONPATH"] = os.pathsep.join([str(site), nodes.env.get("PYTHONPATH", "")])
+    nodes.start("alice")
+    nodes.start("bob")
+
+    def recovered(seen: dict[str, list[dict[str, Any]]]) -> bool:
+        cleared = any(a["code"].endswith("-cleared") for a in seen["alarms"])
+        counted = bool(seen["telemetry"]) and (
+            fault == "raise" or seen["telemetry"][-1]["rejected_batches"] > 0
+        )
+        return cleared and counted and seen["status"][-1]["state"] == "running"
+
+    seen = asyncio.run(watch(mqtt_broker, "bob", recovered))
+    fault_alarm = next(a for a in seen["alarms"] if a["severity"] != "info")
+    assert words in fault_alarm["message"]
+    states = [s["state"] for s in seen["status"]]
+    assert "degraded" in states
+    assert states[-1] == "running"
+    tele = seen["telemetry"]
+    # one log line down, one up; the node never crashed
+    errors = [e for e in nodes.log("bob") if e.get("level") == "error"]
+    assert len(errors) == 1
+    assert words in errors[0]["error"]
+    assert nodes.procs["bob"].poll() is None
+    if fault != "raise":
+        assert tele[-1]["rejected_batches"] == 1
+        assert tele[-1]["dropped_batches"] >= 1  # the rejected batch is a gap
+    assert nodes.stop("bob") < 5
+    assert nodes.stop("alice") < 5
+
+
+def test_systemd_notify_ready_after_lock_then_watchdog_and_stopping(
+    nodes_factory: Any, mqtt_broker: tuple[str, int], tmp_path: Path
+) -> None:
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.5)
+    try:
+        nodes = nodes_factory(args=_args())
+        nodes.start("alice")
+        nodes.env |= {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
+        nodes.start("bob")
+        messages: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and messages.count("WATCHDOG=1") < 3:
+            try:
+                messages += sock.recv(4096).decode().splitlines()
+            except TimeoutError:
+                continue
+        assert "READY=1" in messages
+        ready = messages.index("READY=1")
+        # STATUS lines an operator reads in `systemctl status`, locking before ready
+        assert any(m.startswith("STATUS=locking") for m in messages[:ready])
+        assert messages[ready + 1].startswith("STATUS=running")
+        assert messages.count("WATCHDOG=1") >= 3
+        assert nodes.stop("bob") < 5
+        tail: list[str] = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                tail += sock.recv(4096).decode().splitlines()
+        assert "STOPPING=1" in tail
+    finally:
+        sock.close()
+
+
+def test_broker_outage_keys_go_on_and_status_returns(tmp_path: Path) -> None:
+    from qnoded.broker import MosquittoBroker
+
+    with MosquittoBroker() as broker:
+        addr = (broker.host, broker.port)
+        nodes = Nodes(tmp_path, addr, _args())
+        try:
+            nodes.start("alice")
+            nodes.start("bob")
+            before = asyncio.run(
+                watch(
+                    addr,
+                    "bob",
+                    lambda s: bool(s["telemetry"]) and s["telemetry"][-1]["sifted_bits"] > 0,
+                )
+            )
+            sifted_before = before["telemetry"][-1]["sifted_bits"]
+            broker.kill()
+            time.sleep(3)  # the outage itself: nothing to wait on but the clock
+            broker.start()
+            t0 = time.monotonic()
+            after = asyncio.run(
+                watch(addr, "bob", lambda s: bool(s["telemetry"]) and bool(s["status"]), timeout=15)
+            )
+            recovery_s = time.monotonic() - t0
+            # Retained status is back (republished on reconnect), within the
+            # backoff cap plus one telemetry interval.
+            assert after["status"][-1]["state"] == "running"
+            assert recovery_s < 7
+            tele = after["telemetry"][-1]
+            assert tele["sifted_bits"] > sifted_before  # key generation went on
+            assert tele["mqtt_dropped_telemetry"] >= 2  # dropped and counted, not queued
+            assert nodes.procs["bob"].poll() is None
+            assert nodes.procs["alice"].poll() is None
+            downs = [e for e in nodes.log("bob") if e.get("event") == "mqtt down"]
+            ups = [e for e in nodes.log("bob") if e.get("event") == "mqtt up"]
+            assert len(downs) == 1  # one line down, one up: not one per retry
+            assert len(ups) == 1
+        finally:
+            nodes.kill_all()

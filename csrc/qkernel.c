@@ -11,13 +11,9 @@
 
 int qk_version(void) { return QK_VERSION; }
 
-/* 0 if t is ascending and within [QK_T_MIN, QK_T_MAX], else an error code.
- * The order test is an OR-reduction (vectorisable) over blocks, so a long
- * sorted array costs about one pass at memory speed. */
-static int check_times(const int64_t *t, size_t n) {
-    if (n == 0) return QK_OK;
-    if (!t) return QK_EINVAL;
-    if (t[0] < QK_T_MIN || t[n - 1] > QK_T_MAX) return QK_ERANGE;
+/* 0 if t is ascending, else QK_ENOTSORTED.  An OR-reduction (vectorisable)
+ * over blocks, so a long sorted array costs about one pass at memory speed. */
+static int check_order(const int64_t *t, size_t n) {
     const size_t block = 4096;
     for (size_t start = 1; start < n; start += block) {
         const size_t stop = (n - start > block) ? start + block : n;
@@ -25,9 +21,25 @@ static int check_times(const int64_t *t, size_t n) {
         for (size_t i = start; i < stop; i++) bad |= (t[i] < t[i - 1]);
         if (bad) return QK_ENOTSORTED;
     }
-    /* Sorted, so the first and last bound every element. */
     return QK_OK;
 }
+
+/* Range of an array taken to be sorted: its ends bound every element. */
+static int check_ends(const int64_t *t, size_t n) {
+    if (n == 0) return QK_OK;
+    if (!t) return QK_EINVAL;
+    return (t[0] < QK_T_MIN || t[n - 1] > QK_T_MAX) ? QK_ERANGE : QK_OK;
+}
+
+/* 0 if t is ascending and within [QK_T_MIN, QK_T_MAX], else an error code. */
+static int check_times(const int64_t *t, size_t n) {
+    const int rc = check_ends(t, n);
+    return rc != QK_OK ? rc : check_order(t, n);
+}
+
+/* a - b with wrap-around instead of undefined overflow: used only where the
+ * inputs' order (and so their range) is still being verified. */
+static int64_t sub_wrap(int64_t a, int64_t b) { return (int64_t)((uint64_t)a - (uint64_t)b); }
 
 int qk_diff_histogram(const int64_t *t_a, size_t n_a, const int64_t *t_b, size_t n_b,
                       int64_t lo_ps, int64_t bin_ps, size_t nbins, int64_t *counts) {
@@ -97,8 +109,8 @@ int qk_coincidences(const int64_t *t_a, size_t n_a, const int64_t *t_b, size_t n
         return QK_EINVAL;
     if (!n_out || !offset_out || (cap && (!idx_a || !idx_b))) return QK_EINVAL;
     if (!(fabs(offset_ps) <= (double)QK_WINDOW_MAX)) return QK_ERANGE;
-    int rc = check_times(t_a, n_a);
-    if (rc == QK_OK) rc = check_times(t_b, n_b);
+    int rc = check_ends(t_a, n_a);
+    if (rc == QK_OK) rc = check_ends(t_b, n_b);
     if (rc != QK_OK) return rc;
 
     const double half = 0.5 * (double)window_ps;
@@ -107,13 +119,45 @@ int qk_coincidences(const int64_t *t_a, size_t n_a, const int64_t *t_b, size_t n
     window_bounds(off, half, &lo, &hi);
     size_t i = 0, j = 0, n = 0;
 
-    if (track_gain == 0.0) {
+    if (track_gain == 0.0 && n_a >= 2 && n_b >= 2) {
         /* Fixed window: a branch-free merge.  Each step advances i, j or both:
          *   d > hi : t_a[i] is too early for t_b[j] and every later t_b -> i++
          *   d < lo : t_b[j] is too early for every remaining t_a     -> j++
          *   else   : a pair                                          -> i++, j++
          * The pair is stored unconditionally at slot n and kept by n += m,
-         * which needs one free slot: hence the n < cap in the loop test. */
+         * which needs one free slot: hence the n < cap in the loop test.
+         * The loop-carried chain is only compare -> select: the next values of
+         * t_a and t_b are loaded one step ahead (ca/na1, cb/nb1), which keeps
+         * the load latency off it.  The order of the inputs is checked on the
+         * way (each adjacent pair the cursors pass), so the data is read once;
+         * the tails are checked after the loop. */
+        int64_t ca = t_a[0], na1 = t_a[1], cb = t_b[0], nb1 = t_b[1];
+        int unsorted = (na1 < ca) | (nb1 < cb);
+        while (i + 2 < n_a && j + 2 < n_b && n < cap) {
+            const int64_t d = sub_wrap(cb, ca);
+            const int gt = d > hi;
+            const int ge = d >= lo;
+            idx_a[n] = (int64_t)i;
+            idx_b[n] = (int64_t)j;
+            n += (size_t)(ge & !gt);
+            const size_t step_a = (size_t)(gt | ge);
+            const size_t step_b = (size_t)!gt;
+            i += step_a;
+            j += step_b;
+            ca = step_a ? na1 : ca;
+            cb = step_b ? nb1 : cb;
+            na1 = t_a[i + 1];
+            nb1 = t_b[j + 1];
+            unsorted |= (na1 < ca) | (nb1 < cb);
+        }
+        if (unsorted) return QK_ENOTSORTED;
+    }
+    /* Whatever the fast loop has not seen (all of it, with tracking). */
+    if (i < n_a) rc = check_order(t_a + i, n_a - i);
+    if (rc == QK_OK && j < n_b) rc = check_order(t_b + j, n_b - j);
+    if (rc != QK_OK) return rc;
+    if (track_gain == 0.0) {
+        /* The last steps, with every bound checked (lo and hi are fixed). */
         while (i < n_a && j < n_b && n < cap) {
             const int64_t d = t_b[j] - t_a[i];
             const int gt = d > hi;

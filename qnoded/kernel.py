@@ -506,13 +506,19 @@ def find_offset_drift(
        The centroid of the smeared peak is the offset at mid-span.
     2. Refine: map ``t_b`` into Alice's frame with the current model, split the
        span into ``segments`` equal time spans, histogram each around zero with
-       bins as wide as the residual smear of one segment, take the
-       background-subtracted centroid as that segment's residual (at the
-       segment's mean tag time), and fit a weighted line: the intercept corrects
-       the offset, the slope the drift.  Segments whose peak SNR falls below
-       ``min_snr / sqrt(segments)`` are left out (at least two must remain).
-       Repeat with a 4x smaller drift bound until the bins reach
-       ``resolution_ps``, then once more at that resolution.
+       bins as wide as the residual drift smear of one segment (never finer
+       than ``resolution_ps`` or a quarter of the measured peak width, so a
+       wide jitter peak is not cut into noise), take the background-subtracted
+       centroid as that segment's residual (at the segment's mean tag time),
+       and fit a weighted line: the intercept corrects the offset, the slope
+       the drift.  Segments whose peak SNR is below
+       ``max(min_snr / sqrt(segments), 4)`` are left out; at least two must
+       remain.  Repeat with a 4x smaller drift bound until the smear is below
+       the bin width twice running.
+
+    :class:`LockError` if the coarse peak fails the SNR gate, if fewer than two
+    segments show a peak at the first refinement, or if the fitted drift is
+    beyond ``2 * max_drift`` (an inconsistent, not a wrong, answer).
     """
     _check_lock_args(t_a, t_b, max_offset_ps, resolution_ps)
     if segments < 2:

@@ -282,21 +282,45 @@ def test_no_correlation_raises_lock_error() -> None:
 
 
 @pytest.mark.parametrize(
-    ("span_ps", "drift", "offset"),
+    ("span_ps", "drift", "offset", "jitter_ps"),
     [
-        (100_000_000_000, 10e-6, 123_456_789),
-        (100_000_000_000, -10e-6, -987_654_321),
-        (1_000_000_000_000, 10e-6, -5_000_000),
-        (1_000_000_000_000, -37e-6, 999_000_000),
-        (200_000_000_000, 0.0, 42),
+        (100_000_000_000, 10e-6, 123_456_789, 50.0),
+        (100_000_000_000, -10e-6, -987_654_321, 50.0),
+        (1_000_000_000_000, 10e-6, -5_000_000, 50.0),
+        (1_000_000_000_000, -37e-6, 999_000_000, 50.0),
+        (200_000_000_000, 0.0, 42, 50.0),
+        # a wide peak (350 ps jitter) must not be cut into noise by fine bins
+        (400_000_000_000, 5e-6, -589_036_000, 350.0),
     ],
 )
-def test_find_offset_drift(span_ps: int, drift: float, offset: int) -> None:
+def test_find_offset_drift(span_ps: int, drift: float, offset: int, jitter_ps: float) -> None:
     rng = np.random.default_rng(span_ps % 1009 + abs(offset) % 101)
-    t_a, t_b = _streams(rng, n=40_000, span_ps=span_ps, offset_ps=offset, paired=0.3, drift=drift)
+    t_a, t_b = _streams(
+        rng,
+        n=40_000,
+        span_ps=span_ps,
+        offset_ps=offset,
+        paired=0.3,
+        drift=drift,
+        jitter_ps=jitter_ps,
+    )
     found, d = kernel.find_offset_drift(t_a, t_b, max_offset_ps=1_000_000_000, resolution_ps=50)
     assert d == pytest.approx(drift, abs=0.05e-6)  # the brief asks for 0.5 ppm
     assert found == pytest.approx(offset, abs=200)  # offset at t_a[0]
+
+
+def test_find_offset_drift_refuses_an_inconsistent_peak() -> None:
+    # 2 % pairs in dense noise and 10 ppm drift: too weak to lock; never a wrong answer.
+    rng = np.random.default_rng(5)
+    t_a, t_b = _streams(
+        rng, n=100_000, span_ps=100_000_000_000, offset_ps=123, paired=0.02, drift=10e-6
+    )
+    try:
+        found, d = kernel.find_offset_drift(t_a, t_b, max_offset_ps=1_000_000_000, resolution_ps=50)
+    except kernel.LockError:
+        return
+    assert d == pytest.approx(10e-6, abs=0.5e-6)
+    assert found == pytest.approx(123, abs=500)
 
 
 def test_find_offset_drift_over_the_reference() -> None:
@@ -394,3 +418,38 @@ def test_inputs_are_not_copied_or_changed() -> None:
     kernel.diff_histogram(a, b, lo_ps=-5, bin_ps=1, nbins=10)
     np.testing.assert_array_equal(a, before[0])
     np.testing.assert_array_equal(b, before[1])
+
+
+@pytest.mark.parametrize("where", [1, 2, 500, 4095, 4096, 4097, 9_997, 9_998])
+@pytest.mark.parametrize("stream", ["t_a", "t_b"])
+@pytest.mark.parametrize("gain", [0.0, 0.5])
+def test_unsorted_found_anywhere(where: int, stream: str, gain: float) -> None:
+    # The C code checks order while it merges; a defect anywhere must be caught.
+    rng = np.random.default_rng(where)
+    a = np.sort(rng.integers(0, 10**7, 10_000))
+    b = np.sort(a + rng.integers(-20, 20, a.shape[0]))
+    bad = a if stream == "t_a" else b
+    bad[where] = bad[where - 1] - 1
+    with pytest.raises(kernel.KernelInputError, match=f"{stream} is not sorted ascending at index"):
+        kernel.coincidences(a, b, window_ps=40, track_gain=gain)
+    with pytest.raises(kernel.KernelInputError, match=f"{stream} is not sorted"):
+        kernel.diff_histogram(a, b, lo_ps=-10, bin_ps=1, nbins=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hnp.arrays(np.int64, st.integers(0, 80), elements=st.integers(-100, 100)),
+    hnp.arrays(np.int64, st.integers(0, 80), elements=st.integers(-100, 100)),
+    st.integers(0, 50),
+)
+def test_order_check_is_exact(a: I64, b: I64, window: int) -> None:
+    # Sorted or not, arbitrary arrays: an error exactly when one is out of order.
+    unsorted = bool(np.any(a[1:] < a[:-1]) or np.any(b[1:] < b[:-1]))
+    if unsorted:
+        with pytest.raises(kernel.KernelInputError, match="not sorted"):
+            kernel.coincidences(a, b, window_ps=window)
+    else:
+        got = kernel.coincidences(a, b, window_ps=window)
+        ref = kernel_ref.coincidences(a, b, window_ps=window)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])

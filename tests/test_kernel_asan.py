@@ -139,6 +139,23 @@ assert lib.qk_coincidences(p("int64_t *", ext), 2, p("int64_t *", ext[::-1].copy
 assert lib.qk_coincidences(p("int64_t *", ext), 2, p("int64_t *", ext), 2, lib.QK_WINDOW_MAX,
                            float(lib.QK_WINDOW_MAX), 1.0, p("int64_t *", i2),
                            p("int64_t *", j2), 2, n_out, off_out) == 0
+# Arbitrary (mostly unsorted) int64 with extreme values: refused, never read or written wrongly.
+for trial in range(300):
+    na, nb = (int(x) for x in rng.integers(0, 40, 2))
+    a = rng.integers(-(2**63), 2**63 - 1, na, dtype=np.int64)
+    b = rng.integers(-(2**63), 2**63 - 1, nb, dtype=np.int64)
+    if trial % 3 == 0:
+        a.sort()
+        b.sort()
+    cap = min(na, nb)
+    ia, ib = np.empty(cap, np.int64), np.empty(cap, np.int64)
+    for gain in (0.0, 0.5):
+        rc = lib.qk_coincidences(p("int64_t *", a), na, p("int64_t *", b), nb, 1000, 0.0, gain,
+                                 p("int64_t *", ia), p("int64_t *", ib), cap, n_out, off_out)
+        assert rc in (0, lib.QK_ENOTSORTED, lib.QK_ERANGE), rc
+    rc = lib.qk_diff_histogram(p("int64_t *", a), na, p("int64_t *", b), nb, -1000, 10, 200,
+                               p("int64_t *", np.empty(200, np.int64)))
+    assert rc in (0, lib.QK_ENOTSORTED, lib.QK_ERANGE), rc
 # A long run, so the blocked order check and the merge see more than one block.
 a, b = times(100_000, 10**9), times(100_000, 10**9)
 ia, ib = np.empty(100_000, np.int64), np.empty(100_000, np.int64)

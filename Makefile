@@ -20,6 +20,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_kernel.py
 	$(BIN)/python bench/bench_pipeline.py
+	$(BIN)/python bench/bench_daemon.py
 
 # System packages: the broker, a C compiler and Python headers for the cffi
 # build, venv support.  Installed only when missing; sudo only when not root.

@@ -197,7 +197,6 @@ class Node:
                         self.stats.rejected_batches += 1
                         await self._problem("bad-batch", str(exc))
                         continue
-                    self.stats.dropped_batches = self.validator.missed_batches + self._peer_drops
                     if "bad-batch" in self._problems or "tagger" in self._problems:
                         await self._resolved("bad-batch")
                         await self._resolved("tagger")
@@ -269,14 +268,19 @@ class Node:
             msg = peer.decode_arrays(frame.payload) if frame.payload else {}
             if frame.msg_type == peer.MsgType.TAGS:
                 stop_b = scalar(msg, "stop_ps")
-                if self.tagger is not None:
-                    await self._await_own_tags(stop_b)
                 was_locked = alice.clock is not None
                 try:
+                    if self.tagger is not None:
+                        await self._await_own_tags(stop_b)
                     reply = alice.on_tags(msg)
                 except kernel.LockError as exc:
                     await self._problem("lock", f"no clock lock: {exc}")
                     reply = alice.locking_reply(scalar(msg, "seq"))
+                except TimeoutError:
+                    # Our own tagger is behind Bob's batch: skip it (no key),
+                    # keep the link answering.
+                    await self._problem("tagger-behind", "own time tagger is behind the peer's")
+                    reply = alice.skip_reply(scalar(msg, "seq"))
                 if not was_locked and alice.clock is not None:
                     await self._on_locked()
                 await channel.send(peer.MsgType.SIFT, peer.encode_arrays(reply))
@@ -297,7 +301,7 @@ class Node:
         alice = self.alice
         self._bob_progress_ps = stop_b - self.cfg.timing.max_offset_ps
         until = alice.needed_until(stop_b)
-        async with self._own_progress:
+        async with asyncio.timeout(self.cfg.peer.timeout_s), self._own_progress:
             self._own_progress.notify_all()
             await self._own_progress.wait_for(lambda: alice.own_stop_ps >= until)
 
@@ -317,6 +321,16 @@ class Node:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._bob_send(channel), name="bob-send")
             tg.create_task(self._bob_recv(channel), name="bob-recv")
+            tg.create_task(self._keepalive(channel), name="bob-keepalive")
+
+    async def _keepalive(self, channel: peer.PeerChannel) -> None:
+        """PING when idle, so a quiet link (no light, paused tagger) is not
+        taken for a dead one; both ends' receive timeouts see the traffic."""
+        interval = self.cfg.peer.timeout_s / 2
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - channel.last_sent >= interval:
+                await channel.send(peer.MsgType.PING, b"")
 
     async def _bob_send(self, channel: peer.PeerChannel) -> None:
         assert self.bob is not None
@@ -346,8 +360,8 @@ class Node:
                     await self._set_state("running", "locked")
             elif frame.msg_type == peer.MsgType.QBER_RESULT:
                 bob.on_result(msg)
-            elif frame.msg_type == peer.MsgType.PING:
-                await channel.send(peer.MsgType.PONG, b"")
+            elif frame.msg_type == peer.MsgType.PONG:
+                pass  # keepalive answered
             elif frame.msg_type == peer.MsgType.BYE:
                 raise PeerGone
             else:
@@ -384,7 +398,9 @@ class Node:
             "drift_ppm": s.drift_ppm if alice_locked else None,
             "lock_offset_ps": round(s.lock_offset_ps) if alice_locked else None,
             "lock_drift_ppm": s.lock_drift_ppm if alice_locked else None,
-            "dropped_batches": s.dropped_batches,
+            # gaps in the tagger's sequence (rejected batches included), batches
+            # lost with a failed peer link, and batches the engines gave up on
+            "dropped_batches": self.validator.missed_batches + self._peer_drops + s.dropped_batches,
             "rejected_batches": s.rejected_batches,
             "multi_clicks": s.multi_clicks,
             "mqtt_dropped_telemetry": self.pub.dropped_telemetry,

@@ -26,6 +26,7 @@ import enum
 import json
 import random
 import struct
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ class PeerChannel:
         self._send_seq = 0
         self._recv_seq = 0
         self._lock = asyncio.Lock()
+        self.last_sent = time.monotonic()
         self.sent_bytes: Counter[str] = Counter()
         self.recv_bytes: Counter[str] = Counter()
         self.peer_name = ""
@@ -181,6 +183,7 @@ class PeerChannel:
             async with asyncio.timeout(timeout):
                 await self._w.drain()
             self.sent_bytes[msg_type.name] += len(frame)
+            self.last_sent = time.monotonic()
 
     async def recv(self, timeout: float | None = None) -> Frame:
         async with asyncio.timeout(timeout):

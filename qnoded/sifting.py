@@ -270,6 +270,13 @@ class AliceEngine:
         self._pending.clear()
 
     # -- per batch ---------------------------------------------------------------
+    def skip_reply(self, seq: int) -> Message:
+        """SIFT reply for a batch Alice could not handle: no key, counted as dropped."""
+        self.stats.dropped_batches += 1
+        reply = self.locking_reply(seq)
+        reply["locked"] = i64(int(self.clock is not None))
+        return reply
+
     @staticmethod
     def locking_reply(seq: int) -> Message:
         """SIFT reply for a batch that went into the clock lock, not into key."""

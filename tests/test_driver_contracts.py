@@ -8,7 +8,9 @@ tried with no options and skipped, with the reason, if that cannot work.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,17 @@ CASES: dict[str, tuple[str, str, dict[str, Any], int]] = {
 }
 
 REGISTRY = discover()
+
+# A small recording for the replay driver, made once for this module.
+_REPLAY = Path(tempfile.mkdtemp(prefix="qnoded-contract-")) / "rec.npz"
+_rng = np.random.default_rng(5)
+np.savez(
+    _REPLAY,
+    timestamps_ps=np.sort(_rng.integers(0, 10**11, 5000)),
+    channels=_rng.integers(0, 4, 5000).astype(np.uint8),
+    batch_duration_ps=np.array([10**10]),
+)
+CASES["replay-tagger"] = ("bob", "bbm92", {"file": str(_REPLAY)}, 0)
 
 
 def _drivers(kind: DeviceKind) -> list[str]:

@@ -346,3 +346,113 @@ def test_broker_outage_keys_go_on_and_status_returns(tmp_path: Path) -> None:
             assert len(ups) == 1
         finally:
             nodes.kill_all()
+
+
+def test_peer_killed_alarm_then_relock(nodes_factory: Any, mqtt_broker: tuple[str, int]) -> None:
+    nodes = nodes_factory(args=_args())
+    nodes.start("alice")
+    nodes.start("bob")
+
+    async def scenario() -> tuple[dict[str, Any], float]:
+        async with aiomqtt.Client(*mqtt_broker) as client:
+            await client.subscribe("qkd/v1/alice/#")
+            phase, t_back = "up", 0.0
+            async with asyncio.timeout(40):
+                async for msg in client.messages:
+                    data = json.loads(msg.payload if isinstance(msg.payload, bytes) else b"{}")
+                    leaf = str(msg.topic).rsplit("/", 1)[1]
+                    if phase == "up" and leaf == "status" and data["state"] == "running":
+                        nodes.procs["bob"].kill()  # no goodbye: the link just drops
+                        nodes.procs["bob"].wait()
+                        phase = "down"
+                    elif phase == "down" and leaf == "alarms":
+                        alarm = data
+                        nodes.start("bob")  # a new Bob: a new clock, Alice locks afresh
+                        phase, t_back = "back", time.monotonic()
+                    elif phase == "back" and leaf == "status" and data["state"] == "running":
+                        return alarm, time.monotonic() - t_back
+        raise AssertionError("unreachable")
+
+    alarm, relock_s = asyncio.run(scenario())
+    assert alarm["code"] == "peer"
+    assert alarm["severity"] == "warning"
+    assert relock_s < 10
+    assert nodes.procs["alice"].poll() is None
+    assert nodes.stop("bob") < 5
+    assert nodes.stop("alice") < 5
+
+
+def test_quiet_link_stays_up_and_recording_replays(
+    tmp_path: Path, mqtt_broker: tuple[str, int]
+) -> None:
+    """A recording (replay-tagger) runs through the pipeline; when it ends the
+    taggers go quiet, and keepalives hold the peer link up past its timeout."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import numpy as np
+    from bench_pipeline import make_streams
+
+    alice_b, bob_b = make_streams(1.0, 2e5)
+    port = free_port()
+    procs = []
+    try:
+        for role, batches in (("alice", alice_b), ("bob", bob_b)):
+            rec = tmp_path / f"{role}.npz"
+            np.savez(
+                rec,
+                timestamps_ps=np.concatenate([b.timestamps_ps for b in batches]),
+                channels=np.concatenate([b.channels for b in batches]),
+                batch_duration_ps=np.array([10_000_000_000]),
+            )
+            peer = (
+                f'listen = "127.0.0.1:{port}"'
+                if role == "alice"
+                else f'connect = "127.0.0.1:{port}"'
+            )
+            cfg = tmp_path / f"{role}.toml"
+            cfg.write_text(
+                f'[node]\nid = "{role}"\nrole = "{role}"\nprotocol = "bbm92"\n'
+                f'[peer]\npeer_id = "{"bob" if role == "alice" else "alice"}"\n{peer}\n'
+                "timeout_s = 1.0\n"
+                f'[mqtt]\nbroker = "{mqtt_broker[0]}:{mqtt_broker[1]}"\n'
+                f"telemetry_interval_s = 0.5\n[timing]\ncoincidence_window_ps = 500\n"
+                f'[state]\ndirectory = "{tmp_path / role}"\n'
+                f'[devices.tagger]\ndriver = "replay-tagger"\nfile = "{rec}"\n'
+            )
+            log = open(tmp_path / f"{role}.log", "wb")  # noqa: SIM115 - closed below
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "qnoded",
+                        "--log-format",
+                        "json",
+                        "run",
+                        "--config",
+                        str(cfg),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            log.close()
+        seen = asyncio.run(
+            watch(
+                mqtt_broker,
+                "alice",
+                lambda s: bool(s["telemetry"]) and s["telemetry"][-1]["sifted_bits"] > 0,
+            )
+        )
+        time.sleep(4)  # quiet: 4 s > 3 x timeout_s, the receive timeout
+        later = asyncio.run(watch(mqtt_broker, "alice", lambda s: len(s["telemetry"]) >= 2))
+        assert later["telemetry"][-1]["state"] == "running"
+        assert later["telemetry"][-1]["sifted_bits"] >= seen["telemetry"][-1]["sifted_bits"]
+        assert later["telemetry"][-1]["qber"] is not None
+        assert later["telemetry"][-1]["qber"] < 0.02
+        for role in ("alice", "bob"):
+            text = (tmp_path / f"{role}.log").read_text()
+            assert '"level": "error"' not in text, text[-2000:]
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=15)

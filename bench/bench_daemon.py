@@ -55,33 +55,32 @@ file = "{recording}"
 
 
 async def follow(
-    host: str, port: int, alice_total: int, bob_total: int, procs: list[subprocess.Popen[bytes]]
+    host: str, port: int, bob_total: int, procs: list[subprocess.Popen[bytes]]
 ) -> dict[str, Any]:
+    """Telemetry until Bob has sent his whole recording and Alice's counts
+    stop moving; the run ends at Alice's last message that still moved."""
     last: dict[str, dict[str, Any]] = {}
     first_t: float | None = None
+    moved: dict[str, Any] | None = None
     async with aiomqtt.Client(host, port) as client:
         await client.subscribe("qkd/v1/+/telemetry")
         async with asyncio.timeout(300):
             async for msg in client.messages:
                 node = str(msg.topic).split("/")[2]
                 data = json.loads(msg.payload if isinstance(msg.payload, bytes) else b"{}")
-                last[node] = data
                 if first_t is None and data.get("tags_processed", 0) > 0:
                     first_t = data["time"] - data["interval_s"]
-                a, b = last.get("alice", {}), last.get("bob", {})
-                # Done when Bob has sent his whole recording and Alice has
-                # answered every batch he sent.
-                if (
-                    b.get("tags_processed", 0) >= bob_total
-                    and b.get("batches", -1) == a.get("batches", -2)
-                    and b.get("qber_sample_bits", -1) == a.get("qber_sample_bits", -2)
-                ):
-                    break
+                if node == "alice":
+                    prev = last.get("alice", {})
+                    if data.get("tags_processed") != prev.get("tags_processed"):
+                        moved = data
+                    elif last.get("bob", {}).get("tags_processed", 0) >= bob_total and moved:
+                        break
+                last[node] = data
                 if any(p.poll() is not None for p in procs):
                     raise RuntimeError("a node exited during the benchmark")
-    a = last["alice"]
-    assert first_t is not None
-    return {"elapsed": a["time"] - first_t, "alice": a, "bob": last["bob"]}
+    assert first_t is not None and moved is not None
+    return {"elapsed": moved["time"] - first_t, "alice": moved, "bob": last["bob"]}
 
 
 def main() -> None:
@@ -132,7 +131,7 @@ def main() -> None:
             log.close()
             time.sleep(0.5 if role == "alice" else 0)
         try:
-            r = asyncio.run(follow(broker.host, broker.port, n_a, n_b, procs))
+            r = asyncio.run(follow(broker.host, broker.port, n_b, procs))
         finally:
             for p in reversed(procs):
                 p.send_signal(signal.SIGTERM)

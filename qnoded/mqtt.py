@@ -1,14 +1,22 @@
 """MQTT publishing of status, telemetry and alarms, with reconnect and bounded buffers.
 
-Topics under ``qkd/v1/<node_id>/``: ``status`` (retained; the last will sets
-``offline``), ``telemetry`` (QoS 0), ``alarms`` (QoS 1).  The publisher is an
-async context manager owning a ``TaskGroup`` with one named connection loop in
-aiomqtt's reconnect pattern: connect, publish until an ``MqttError``, sleep a
-jittered capped backoff, connect again, republish the status.
+Topics under ``qkd/v1/<node_id>/``:
 
-Publishing never blocks the pipeline: telemetry goes into a small queue and is
-dropped (and counted) when the broker is down or slow; alarms wait in a
-bounded deque and are flushed on reconnect.  Nothing grows without bound.
+- ``status``: retained JSON ``{"node_id", "state", "since", "detail"}``, state one
+  of :data:`STATES`; the last will sets a retained ``"offline"``.
+- ``telemetry``: JSON, QoS 0.
+- ``alarms``: JSON ``{"node_id", "severity", "code", "message", "time"}``, QoS 1.
+
+:class:`TelemetryPublisher` is an async context manager owning a ``TaskGroup``
+with one named connection loop in aiomqtt 2.x's reconnect pattern: connect,
+publish until an ``MqttError``, sleep a jittered capped backoff, connect again
+and republish the status.  Publishing never blocks the pipeline: telemetry
+goes into a small queue and is dropped (and counted) while the broker is down
+or slow; alarms wait in a bounded deque and are flushed on reconnect.  Nothing
+grows without bound.
+
+:class:`Subscriber` and :func:`collect` read JSON messages back (tests, the
+demo's live view).
 """
 
 from __future__ import annotations
@@ -17,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import random
-import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -32,11 +39,17 @@ log = structlog.get_logger("qnoded.mqtt")
 TELEMETRY_QUEUE = 16
 ALARM_BUFFER = 256
 PUBLISH_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 2.0
+BACKOFF_BASE_S = 0.2
+BACKOFF_CAP_S = 5.0  # small, so a restarted broker sees the node again within seconds
 SEVERITIES = ("info", "warning", "critical")
+STATES = ("starting", "locking", "running", "degraded", "stopped")
 
 
 @dataclass(frozen=True, slots=True)
 class MqttSettings:
+    """Where and how to reach the broker.  TLS is on when ``tls_ca`` or ``tls_cert`` is set."""
+
     host: str
     port: int
     username: str | None = None
@@ -47,72 +60,111 @@ class MqttSettings:
     keepalive_s: int = 10
     client_id: str | None = None
 
-    def tls_context(self) -> ssl.SSLContext | None:
+    def tls_params(self) -> aiomqtt.TLSParameters | None:
         if not (self.tls_ca or self.tls_cert):
             return None
-        ctx = ssl.create_default_context(cafile=self.tls_ca)
-        if self.tls_cert:
-            ctx.load_cert_chain(self.tls_cert, self.tls_key)
-        return ctx
+        return aiomqtt.TLSParameters(
+            ca_certs=self.tls_ca, certfile=self.tls_cert, keyfile=self.tls_key
+        )
+
+    def client(
+        self, *, identifier: str | None = None, will: aiomqtt.Will | None = None
+    ) -> aiomqtt.Client:
+        """A fresh aiomqtt client (MQTT v5) for these settings; reusable, not reentrant."""
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=identifier or self.client_id,
+            username=self.username,
+            password=self.password,
+            will=will,
+            keepalive=self.keepalive_s,
+            tls_params=self.tls_params(),
+            protocol=aiomqtt.ProtocolVersion.V5,
+            timeout=PUBLISH_TIMEOUT_S,
+        )
 
 
 def topic(node_id: str, leaf: str) -> str:
     return f"qkd/v1/{node_id}/{leaf}"
 
 
+def backoff_s(
+    attempt: int, *, base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S
+) -> float:
+    """Jittered, capped exponential backoff: uniform(0, min(cap, base * 1.5**attempt))."""
+    return random.uniform(0, min(cap_s, base_s * 1.5 ** min(attempt, 50)))
+
+
 class TelemetryPublisher:
-    """A node's MQTT voice; see the module docstring."""
+    """A node's MQTT voice; see the module docstring.
+
+    Counters: ``connected``, ``reconnects`` (connections after the first),
+    ``published`` (telemetry messages sent), ``dropped_telemetry``,
+    ``dropped_alarms``.
+    """
 
     def __init__(self, settings: MqttSettings, node_id: str) -> None:
         self.settings = settings
         self.node_id = node_id
-        self._status: dict[str, Any] = {
-            "node_id": node_id,
-            "state": "starting",
-            "since": time.time(),
-            "detail": "",
-        }
+        self._status: dict[str, Any] = self._status_doc("starting", "")
         self._telemetry: asyncio.Queue[bytes] = asyncio.Queue(maxsize=TELEMETRY_QUEUE)
         self._alarms: deque[bytes] = deque(maxlen=ALARM_BUFFER)
         self._wake = asyncio.Event()
         self._status_dirty = True
-        self._client: aiomqtt.Client | None = None
-        self._tg: asyncio.TaskGroup | None = None
-        self._stack = contextlib.AsyncExitStack()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._ever_connected = False
         self.connected = False
+        self._up = asyncio.Event()
+        self._down = asyncio.Event()
+        self._down.set()
+        self.idle = asyncio.Event()  # connected and nothing left to publish
+        self.failed_connects = 0
         self.reconnects = 0
         self.dropped_telemetry = 0
         self.dropped_alarms = 0
         self.published = 0
+        self.status_published = asyncio.Event()  # set each time the status reaches the broker
+
+    def _status_doc(self, state: str, detail: str) -> dict[str, Any]:
+        return {"node_id": self.node_id, "state": state, "since": time.time(), "detail": detail}
 
     # -- API for the node (never blocks on the network) ---------------------------
+    @property
+    def status(self) -> dict[str, Any]:
+        return dict(self._status)
+
     async def set_status(self, state: str, detail: str = "") -> None:
-        self._status = {
-            "node_id": self.node_id,
-            "state": state,
-            "since": time.time(),
-            "detail": detail,
-        }
+        """Remember the node's state; published retained now and on every reconnect."""
+        if state not in STATES:
+            raise ValueError(f"status state {state!r}: use one of {STATES}")
+        self._status = self._status_doc(state, detail)
         self._status_dirty = True
+        self.status_published.clear()
+        self.idle.clear()
         self._wake.set()
 
     def publish_telemetry(self, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload, default=str).encode()
+        """Queue one telemetry message; dropped (counted) while down or when the queue is full."""
         if not self.connected:
             self.dropped_telemetry += 1
             return
         try:
-            self._telemetry.put_nowait(data)
+            self._telemetry.put_nowait(json.dumps(payload, default=str).encode())
         except asyncio.QueueFull:
             self.dropped_telemetry += 1
+            return
+        self.idle.clear()
         self._wake.set()
 
     def raise_alarm(self, severity: str, code: str, message: str) -> None:
+        """Queue an alarm (QoS 1); kept while the broker is down, the oldest dropped past 256."""
         if severity not in SEVERITIES:
             raise ValueError(f"alarm severity {severity!r}: use one of {SEVERITIES}")
         if len(self._alarms) == self._alarms.maxlen:
-            self.dropped_alarms += 1
+            self.dropped_alarms += 1  # the deque drops the oldest
         self._alarms.append(
             json.dumps(
                 {
@@ -124,13 +176,36 @@ class TelemetryPublisher:
                 }
             ).encode()
         )
+        self.idle.clear()
         self._wake.set()
+
+    def _set_connected(self, up: bool) -> None:
+        self.connected = up
+        (self._up if up else self._down).set()
+        (self._down if up else self._up).clear()
+        if not up:
+            self.idle.clear()
+
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Wait until the publisher is connected (or, with ``False``, disconnected)."""
+        await (self._up if connected else self._down).wait()
+
+    @property
+    def pending_alarms(self) -> int:
+        return len(self._alarms)
+
+    @property
+    def pending_telemetry(self) -> int:
+        return self._telemetry.qsize()
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> Self:
-        await self._stack.__aenter__()
-        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._task = self._tg.create_task(self._connection_loop(), name="mqtt-connection")
+        if self._stack is not None:
+            raise RuntimeError("TelemetryPublisher is not reentrant")
+        self._closing = False
+        self._stack = contextlib.AsyncExitStack()
+        tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._task = tg.create_task(self._connection_loop(), name="mqtt-connection")
         return self
 
     async def __aexit__(
@@ -139,93 +214,205 @@ class TelemetryPublisher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # Say "stopped" on the way out, if the broker is there to hear it: the
-        # connection loop flushes what is queued, publishes it and returns.
-        self._status = self._status | {"state": "stopped", "since": time.time()}
+        assert self._stack is not None and self._task is not None
+        # Say "stopped" on the way out if the broker is there to hear it: the
+        # connection loop flushes what is queued, publishes it, disconnects
+        # cleanly (so the will is not sent) and returns.
+        self._status = self._status_doc("stopped", self._status.get("detail", ""))
         self._status_dirty = True
         self._closing = True
         self._wake.set()
         if self.connected:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await asyncio.shield(self._task)
         self._task.cancel()
-        await self._stack.__aexit__(None, None, None)
+        stack, self._stack = self._stack, None
+        try:
+            await stack.aclose()
+        finally:
+            self._set_connected(False)
 
-    def _client_for(self) -> aiomqtt.Client:
-        s = self.settings
-        will = aiomqtt.Will(
-            topic(self.node_id, "status"),
-            json.dumps({"node_id": self.node_id, "state": "offline"}).encode(),
-            qos=1,
-            retain=True,
-        )
-        return aiomqtt.Client(
-            s.host,
-            s.port,
-            identifier=s.client_id or f"qnoded-{self.node_id}",
-            username=s.username,
-            password=s.password,
-            will=will,
-            keepalive=s.keepalive_s,
-            tls_context=s.tls_context(),
-            protocol=aiomqtt.ProtocolVersion.V5,
-            timeout=PUBLISH_TIMEOUT_S,
+    def _will(self) -> aiomqtt.Will:
+        offline = self._status_doc("offline", "connection lost (last will)")
+        return aiomqtt.Will(
+            topic(self.node_id, "status"), json.dumps(offline).encode(), qos=1, retain=True
         )
 
     async def _connection_loop(self) -> None:
         attempt = 0
+        down = False
+        broker = f"{self.settings.host}:{self.settings.port}"
         while True:
+            error: aiomqtt.MqttError | None = None
             try:
-                async with self._client_for() as client:
-                    self._client = client
-                    self.connected = True
-                    if attempt or self.reconnects:
-                        log.info("mqtt up", broker=f"{self.settings.host}:{self.settings.port}")
+                client = self.settings.client(
+                    identifier=self.settings.client_id or f"qnoded-{self.node_id}",
+                    will=self._will(),
+                )
+                async with client:
+                    self._set_connected(True)
                     attempt = 0
+                    if self._ever_connected:
+                        self.reconnects += 1
+                    self._ever_connected = True
+                    if down:
+                        log.info("mqtt up", broker=broker, reconnects=self.reconnects)
+                        down = False
                     self._status_dirty = True
-                    await self._publish_loop(client)
+                    async with asyncio.TaskGroup() as tg:
+                        watch = tg.create_task(self._watch(client), name="mqtt-watch")
+                        await self._publish_loop(client)
+                        watch.cancel()
                     return  # closing: everything is published
-            except aiomqtt.MqttError as exc:
-                if self.connected or attempt == 0:
-                    log.warning(
-                        "mqtt down",
-                        broker=f"{self.settings.host}:{self.settings.port}",
-                        error=str(exc),
-                    )
-                if self.connected:
-                    self.reconnects += 1
-                self.connected = False
-                self._client = None
-                # Telemetry from before the outage is stale: drop it, counted.
-                while not self._telemetry.empty():
-                    self._telemetry.get_nowait()
-                    self.dropped_telemetry += 1
-                attempt += 1
-                await asyncio.sleep(random.uniform(0, min(5.0, 0.2 * 1.5**attempt)))
+            except* aiomqtt.MqttError as group:
+                error = group.exceptions[0]  # type: ignore[assignment]  # split keeps the type
+            if not self.connected:  # a failed attempt, not a dropped connection
+                self.failed_connects += 1
+            self._set_connected(False)
+            if not down:
+                log.warning("mqtt down", broker=broker, error=str(error))
+                down = True
+            # Telemetry from before the outage is stale: drop it, counted.
+            while not self._telemetry.empty():
+                self._telemetry.get_nowait()
+                self.dropped_telemetry += 1
+            attempt += 1
+            await asyncio.sleep(backoff_s(attempt))
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client) -> None:
+        """Raise MqttError as soon as the connection drops, even while idle."""
+        async for _ in client.messages:  # nothing is subscribed: this only waits
+            pass
+
+    async def _publish(
+        self, client: aiomqtt.Client, leaf: str, payload: bytes, *, qos: int, retain: bool = False
+    ) -> None:
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                await client.publish(topic(self.node_id, leaf), payload, qos=qos, retain=retain)
+        except TimeoutError as exc:
+            raise aiomqtt.MqttError(f"publish to {leaf} timed out") from exc
 
     async def _flush(self, client: aiomqtt.Client) -> None:
         if self._status_dirty:
             self._status_dirty = False
-            await client.publish(
-                topic(self.node_id, "status"), json.dumps(self._status).encode(), qos=1, retain=True
-            )
+            status = self._status
+            await self._publish(client, "status", json.dumps(status).encode(), qos=1, retain=True)
+            if status is self._status:
+                self.status_published.set()
         while self._alarms:
-            await client.publish(topic(self.node_id, "alarms"), self._alarms[0], qos=1)
-            self._alarms.popleft()
+            await self._publish(client, "alarms", self._alarms[0], qos=1)
+            self._alarms.popleft()  # only once the broker has it
         while not self._telemetry.empty():
-            await client.publish(
-                topic(self.node_id, "telemetry"), self._telemetry.get_nowait(), qos=0
-            )
+            await self._publish(client, "telemetry", self._telemetry.get_nowait(), qos=0)
             self.published += 1
 
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         while True:
-            await self._flush(client)
-            if self._closing:
-                return
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                # Wake at least once a second so a dead broker is noticed.
-                async with asyncio.timeout(1.0):
-                    await self._wake.wait()
+            await self._flush(client)
+            # Closing may have been asked during that flush: leave only once
+            # the final status (and any alarm) has gone out too.
+            if self._closing and not self._status_dirty and not self._alarms:
+                return
+            if not self._wake.is_set():
+                self.idle.set()
+            await self._wake.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One message read back: JSON-decoded payload (raw text if not JSON)."""
+
+    topic: str
+    payload: Any
+    retain: bool
+
+
+def _decode(message: aiomqtt.Message) -> Received:
+    raw = message.payload
+    data: Any
+    if isinstance(raw, bytes | bytearray):
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = bytes(raw).decode("utf-8", "replace")
+    else:
+        data = raw
+    return Received(str(message.topic), data, bool(message.retain))
+
+
+class Subscriber:
+    """Subscribe to topic filters; ``async for msg in sub`` yields :class:`Received`.
+
+    Subscribed once ``async with`` has entered, so nothing published after
+    that is missed.  No reconnect: this is a viewer and a test helper.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings | tuple[str, int],
+        *topics: str,
+        qos: int = 1,
+    ) -> None:
+        if isinstance(settings, tuple):
+            settings = MqttSettings(*settings)
+        if not topics:
+            raise ValueError("Subscriber needs at least one topic filter")
+        self.settings = settings
+        self.topics = topics
+        self.qos = qos
+        self._client: aiomqtt.Client | None = None
+
+    async def __aenter__(self) -> Self:
+        client = self.settings.client()
+        await client.__aenter__()
+        try:
+            for t in self.topics:
+                await client.subscribe(t, qos=self.qos)
+        except BaseException:
+            await client.__aexit__(None, None, None)
+            raise
+        self._client = client
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.__aexit__(exc_type, exc, tb)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Received:
+        """The next message; ``MqttError`` if the connection drops."""
+        if self._client is None:
+            raise RuntimeError("use `async with Subscriber(...)` before iterating")
+        return _decode(await anext(self._client.messages))
+
+
+async def collect(
+    host: str,
+    port: int,
+    topic_filter: str,
+    *,
+    count: int,
+    timeout: float,
+) -> list[Received]:
+    """Up to ``count`` messages on ``topic_filter``, or fewer if ``timeout`` (s) runs out."""
+    out: list[Received] = []
+    async with Subscriber((host, port), topic_filter) as sub:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                async for msg in sub:
+                    out.append(msg)
+                    if len(out) >= count:
+                        break
+    return out

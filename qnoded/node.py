@@ -20,6 +20,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -134,6 +135,10 @@ class Node:
         # batches have got in time (Alice, to bound her own buffer).
         self._peer_drops = 0
         self._bob_progress_ps = 0
+        # What the protocol disclosed, by message type: the finished
+        # channels' counts plus the current channel's.
+        self._disclosed_before: Counter[str] = Counter()
+        self._channel: peer.PeerChannel | None = None
         self.notifier = Notifier()
         self._ready_sent = False
         # When the pipeline last moved a batch; the watchdog pings only while
@@ -226,6 +231,7 @@ class Node:
         attempt = 0
         while True:
             channel = await self.link.connected()
+            self._channel = channel
             await self._resolved("peer")
             try:
                 await self._session(channel)
@@ -256,6 +262,9 @@ class Node:
                 await self._bob_session(channel)
         except ExceptionGroup as group:
             raise group.exceptions[0] from None
+        finally:
+            self._disclosed_before.update(channel.sent_bytes)
+            self._channel = None
 
     async def _alice_session(self, channel: peer.PeerChannel) -> None:
         assert self.alice is not None
@@ -404,6 +413,7 @@ class Node:
             "rejected_batches": s.rejected_batches,
             "multi_clicks": s.multi_clicks,
             "mqtt_dropped_telemetry": self.pub.dropped_telemetry,
+            "disclosed_bytes": self._disclosed(),
         }
         if self.laser is not None:
             out["signal_gain"] = s.gain(IntensityClass.SIGNAL)
@@ -411,6 +421,13 @@ class Node:
             out["vacuum_gain"] = s.gain(IntensityClass.VACUUM)
             out["pulses"] = {c.name.lower(): s.pulses[c] for c in IntensityClass}
         return out
+
+    def _disclosed(self) -> dict[str, int]:
+        """Bytes this node sent its peer, per message type, over the whole run."""
+        total = self._disclosed_before.copy()
+        if self._channel is not None:
+            total.update(self._channel.sent_bytes)
+        return dict(total)
 
     async def _telemetry_loop(self) -> None:
         interval = self.cfg.mqtt.telemetry_interval_s

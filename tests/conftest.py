@@ -18,6 +18,7 @@ def mqtt_broker() -> Iterator[tuple[str, int]]:
 
 @pytest.fixture
 def fresh_broker() -> Iterator[MosquittoBroker]:
-    """A broker of the test's own, for tests that kill or restart it."""
+    """A broker of the test's own, for tests that kill it (``kill()``/``start()``, same port)
+    or ``restart()`` it."""
     with MosquittoBroker() as broker:
         yield broker

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 from bench_pipeline import make_streams
 
 from qnoded.broker import MosquittoBroker, free_port
+from qnoded.demo import spawn_node, stop_node
 
 
 def config(role: str, broker: str, port: int, state: Path, recording: Path) -> str:
@@ -111,31 +110,13 @@ def main() -> None:
         for role in ("alice", "bob"):
             cfg = work / f"{role}.toml"
             cfg.write_text(config(role, f"{broker.host}:{broker.port}", port, work, files[role]))
-            log = open(work / f"{role}.log", "wb")  # noqa: SIM115 - lives with the process
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "qnoded",
-                        "--log-format",
-                        "json",
-                        "run",
-                        "--config",
-                        str(cfg),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-            log.close()
+            procs.append(spawn_node(cfg, work / f"{role}.log"))
             time.sleep(0.5 if role == "alice" else 0)
         try:
             r = asyncio.run(follow(broker.host, broker.port, n_b, procs))
         finally:
             for p in reversed(procs):
-                p.send_signal(signal.SIGTERM)
-                p.wait(timeout=15)
+                stop_node(p)
     a = r["alice"]
     # Alice's count holds her own tags and Bob's that went through the kernel.
     tags = a["tags_processed"]

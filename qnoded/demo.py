@@ -73,6 +73,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no live view, only the summary")
 
 
+def spawn_node(
+    config: Path, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``qnoded run`` on a config as its own process, JSON logs to ``log``."""
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qnoded",
+                "--log-format",
+                "json",
+                "run",
+                "--config",
+                str(config),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def stop_node(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> float:
+    """SIGTERM, then SIGKILL after ``timeout_s``; returns how long the node took."""
+    t0 = time.monotonic()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return time.monotonic() - t0
+
+
 def link_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The [simulation] table both nodes share: the simulated fibre and source."""
     import random
@@ -278,22 +313,7 @@ def run_demo(args: argparse.Namespace) -> int:
             cfg.write_text(
                 node_config(role, args, broker, peer_port, workdir, sim), encoding="utf-8"
             )
-            logf = open(workdir / f"{role}.log", "wb")  # noqa: SIM115 - closed by the stack
-            stack.callback(logf.close)
-            procs[role] = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "qnoded",
-                    "--log-format",
-                    "json",
-                    "run",
-                    "--config",
-                    str(cfg),
-                ],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-            )
+            procs[role] = spawn_node(cfg, workdir / f"{role}.log")
         if not args.quiet:
             print(
                 f"qnoded demo: {args.protocol}, {args.distance_km} km, eve {args.eve}, "
@@ -309,14 +329,7 @@ def run_demo(args: argparse.Namespace) -> int:
         finally:
             # Bob first: he says goodbye to Alice, who then stops cleanly too.
             for role in ("bob", "alice"):
-                p = procs[role]
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+                stop_node(procs[role])
         elapsed = time.monotonic() - started
         summary = build_summary(args, sim, workdir, procs, elapsed)
         print(json.dumps(summary), flush=True)

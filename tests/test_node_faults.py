@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import aiomqtt
 import pytest
 
 from qnoded.broker import free_port
-from qnoded.demo import link_parameters, node_config
+from qnoded.demo import link_parameters, node_config, spawn_node, stop_node
 
 pytestmark = pytest.mark.slow
 
@@ -118,31 +117,11 @@ class Nodes:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, role: str) -> None:
-        log = open(self.tmp / f"{role}.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.procs[role] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "qnoded",
-                "--log-format",
-                "json",
-                "run",
-                "--config",
-                str(self.tmp / f"{role}.toml"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
-        log.close()
+        self.procs[role] = spawn_node(self.tmp / f"{role}.toml", self.tmp / f"{role}.log", self.env)
 
     def stop(self, role: str) -> float:
         """SIGTERM; returns how long the node took to exit."""
-        p = self.procs[role]
-        t0 = time.monotonic()
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=15)
-        return time.monotonic() - t0
+        return stop_node(self.procs[role], timeout_s=15)
 
     def log(self, role: str) -> list[dict[str, Any]]:
         out = []
@@ -418,24 +397,7 @@ def test_quiet_link_stays_up_and_recording_replays(
                 f'[state]\ndirectory = "{tmp_path / role}"\n'
                 f'[devices.tagger]\ndriver = "replay-tagger"\nfile = "{rec}"\n'
             )
-            log = open(tmp_path / f"{role}.log", "wb")  # noqa: SIM115 - closed below
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "qnoded",
-                        "--log-format",
-                        "json",
-                        "run",
-                        "--config",
-                        str(cfg),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-            log.close()
+            procs.append(spawn_node(cfg, tmp_path / f"{role}.log"))
         seen = asyncio.run(
             watch(
                 mqtt_broker,
@@ -454,5 +416,4 @@ def test_quiet_link_stays_up_and_recording_replays(
             assert '"level": "error"' not in text, text[-2000:]
     finally:
         for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=15)
+            stop_node(p, timeout_s=15)

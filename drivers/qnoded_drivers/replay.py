@@ -13,17 +13,17 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import numpy as np
 
 from qnoded.contracts import DeviceKind, DriverContext, TagBatch
+from qnoded_drivers.lifecycle import InProcessDevice
 
 _KEYS = frozenset({"file", "realtime"})
 
 
-class ReplayTagger:
+class ReplayTagger(InProcessDevice):
     """Streams a recording batch by batch, as fast as it is taken or paced."""
 
     kind: ClassVar[DeviceKind] = DeviceKind.TIME_TAGGER
@@ -44,9 +44,8 @@ class ReplayTagger:
         self._raw_c = self._c = np.empty(0, np.uint8)
         self._dur = 0
         self._pos = 0  # next batch index: a reopened stream resumes
-        self._open = False
 
-    async def __aenter__(self) -> Self:
+    async def _on_open(self) -> None:
         try:
             with np.load(self._path) as data:
                 self._raw_t = np.ascontiguousarray(data["timestamps_ps"], dtype=np.int64)
@@ -64,19 +63,6 @@ class ReplayTagger:
         if self._t.shape != self._c.shape or self._dur <= 0:
             raise ValueError(f"{self.name}: {self._path} has mismatched arrays or no batch length")
         self._delays = {int(ch): 0 for ch in np.unique(self._c)}
-        self._open = True
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._open = False
-
-    async def ping(self) -> bool:
-        return self._open
 
     def describe(self) -> Mapping[str, Any]:
         return {

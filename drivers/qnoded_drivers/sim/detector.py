@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 from qnoded.contracts import DetectorStatus, DeviceKind, DriverContext
+from qnoded_drivers.lifecycle import InProcessDevice
 from qnoded_drivers.sim.common import detector_table, shared_link
 from qnoded_drivers.sim.link import DetectorPhysics
 
@@ -30,7 +30,7 @@ _KEYS = (
 )
 
 
-class _SimDetector:
+class _SimDetector(InProcessDevice):
     """A simulated detector; the class is its own driver factory.
 
     Options: ``channel`` (required, the tagger input), ``mode`` ("gated" or
@@ -88,20 +88,6 @@ class _SimDetector:
         self._latched = False
         self.count_rate_hz = 0.0  # set by the sim tagger from each batch
         table[channel] = self
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
-
-    async def ping(self) -> bool:
-        return True
 
     def describe(self) -> Mapping[str, Any]:
         return {

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from qnoded.contracts import DeviceKind, DriverContext, EmissionRecord, IntensityClass, LaserMode
+from qnoded_drivers.lifecycle import InProcessDevice
 from qnoded_drivers.sim.common import shared_link
 
 
-class SimLaser:
+class SimLaser(InProcessDevice):
     """Alice's source; her choices are the link's counter-based QRNG stream.
 
     The emission schedule (sync pattern first, then decoy-state BB84) is the
@@ -33,23 +33,9 @@ class SimLaser:
         self._link = shared_link(context)
         self.mode = LaserMode.SYNC
         self.output = False
-        self._open = False
 
-    async def __aenter__(self) -> Self:
-        self._open = True
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.output = False
-        self._open = False
-
-    async def ping(self) -> bool:
-        return self._open
+    async def _on_close(self) -> None:
+        self.output = False  # a closed source does not emit
 
     def describe(self) -> Mapping[str, Any]:
         p = self._link.p

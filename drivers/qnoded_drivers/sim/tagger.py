@@ -6,13 +6,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from qnoded.contracts import DeviceError, DeviceKind, DriverContext, TagBatch
+from qnoded_drivers.lifecycle import InProcessDevice
 from qnoded_drivers.sim.common import detector_table, shared_link
 from qnoded_drivers.sim.link import JITTER_CLIP, Clicks
 
@@ -36,7 +36,7 @@ class _Cursor:
     pend_c: U8 = field(default_factory=lambda: np.empty(0, np.uint8))
 
 
-class SimTimeTagger:
+class SimTimeTagger(InProcessDevice):
     """Streams :class:`TagBatch` es of ``batch_duration_ps`` of the node's own clock.
 
     Alice's clock is the reference; Bob's reads
@@ -83,23 +83,7 @@ class SimTimeTagger:
         self._offset = p.bob_clock_offset_ps if bob else 0
         self._drift = p.drift if bob else 0.0
         self._seed = (p.link_seed, 2 if bob else 1)
-        self._open = False
         self._cursor: _Cursor | None = None
-
-    async def __aenter__(self) -> Self:
-        self._open = True
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._open = False
-
-    async def ping(self) -> bool:
-        return self._open
 
     def describe(self) -> Mapping[str, Any]:
         p = self._link.p

@@ -279,11 +279,10 @@ async def _watch(  # noqa: PLR0917 - internal, one caller
 def _view_line(node: str, d: dict[str, Any]) -> str:
     q = d.get("qber")
     off = d.get("offset_ps")
-    lock = (
-        f"lock {off / 1e3:+.3f} ns {d.get('drift_ppm') or 0:+.2f} ppm"
-        if off is not None
-        else "locking"
-    )
+    if off is not None:
+        lock = f"lock {off / 1e3:+.3f} ns {d.get('drift_ppm') or 0:+.2f} ppm"
+    else:  # Bob knows only whether Alice has locked; she holds the clock model
+        lock = "locked" if d.get("locked") else "locking"
     return (
         f"{node:>5} {d.get('state', '?'):9} tags {d.get('tags_per_s', 0):9.0f}/s  "
         f"coinc {d.get('coincidences_per_s', 0):8.0f}/s  "

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import numpy as np
 from bench_pipeline import make_streams
 
 from qnoded.broker import MosquittoBroker, free_port
 from qnoded.demo import spawn_node, stop_node
+from qnoded.mqtt import Subscriber
 
 
 def config(role: str, broker: str, port: int, state: Path, recording: Path) -> str:
@@ -61,12 +60,11 @@ async def follow(
     last: dict[str, dict[str, Any]] = {}
     first_t: float | None = None
     moved: dict[str, Any] | None = None
-    async with aiomqtt.Client(host, port) as client:
-        await client.subscribe("qkd/v1/+/telemetry")
+    async with Subscriber((host, port), "qkd/v1/+/telemetry") as sub:
         async with asyncio.timeout(300):
-            async for msg in client.messages:
-                node = str(msg.topic).split("/")[2]
-                data = json.loads(msg.payload if isinstance(msg.payload, bytes) else b"{}")
+            async for msg in sub:
+                node = msg.topic.split("/")[2]
+                data = msg.payload
                 if first_t is None and data.get("tags_processed", 0) > 0:
                     first_t = data["time"] - data["interval_s"]
                 if node == "alice":

@@ -66,6 +66,19 @@ def render_config(host: str, port: int, workdir: Path, *, as_root: bool) -> str:
     return text
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> float:
+    """SIGTERM a child, SIGKILL it after ``timeout_s``; returns how long it took."""
+    t0 = time.monotonic()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return time.monotonic() - t0
+
+
 class MosquittoBroker:
     """Runs ``mosquitto -c <our config>`` on ``host:port`` until :meth:`stop`.
 
@@ -144,14 +157,8 @@ class MosquittoBroker:
 
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            terminate(proc, STOP_TIMEOUT_S)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 5 s; removes the temp dir.  Idempotent."""

@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +22,8 @@ from typing import Any
 
 import aiomqtt
 
-from qnoded.broker import MosquittoBroker, free_port
+from qnoded.broker import MosquittoBroker, free_port, terminate
+from qnoded.mqtt import Subscriber
 from qnoded.sifting import read_recorded
 
 STOP_TIMEOUT_S = 10.0
@@ -97,15 +96,7 @@ def spawn_node(
 
 def stop_node(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> float:
     """SIGTERM, then SIGKILL after ``timeout_s``; returns how long the node took."""
-    t0 = time.monotonic()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    return time.monotonic() - t0
+    return terminate(proc, timeout_s)
 
 
 def link_parameters(args: argparse.Namespace) -> dict[str, Any]:
@@ -219,17 +210,13 @@ def consistent(errors: int, bits: int, qber: float | None, sample_bits: int) -> 
 
 async def _live_view(host: str, port: int, quiet: bool, last: dict[str, dict[str, Any]]) -> None:
     """Print one line per node per telemetry message, and every alarm, forever."""
-    async with aiomqtt.Client(host, port, identifier=f"qnoded-demo-{os.getpid()}") as client:
-        await client.subscribe("qkd/v1/+/telemetry")
-        await client.subscribe("qkd/v1/+/alarms")
-        async for message in client.messages:
-            payload = message.payload if isinstance(message.payload, bytes) else b"{}"
-            try:
-                data = json.loads(payload)
-            except ValueError:
-                continue
-            node = str(message.topic).split("/")[2]
-            if str(message.topic).endswith("alarms"):
+    async with Subscriber((host, port), "qkd/v1/+/telemetry", "qkd/v1/+/alarms") as sub:
+        async for message in sub:
+            data = message.payload
+            if not isinstance(data, dict):
+                continue  # not one of ours
+            node = message.topic.split("/")[2]
+            if message.topic.endswith("alarms"):
                 if not quiet:
                     print(
                         f"  ALARM {node}: {data.get('severity')} {data.get('code')}: "

@@ -23,8 +23,6 @@ from qnoded.contracts import (
     DeviceError,
     DeviceKind,
     DriverContext,
-    Laser,
-    TimeTagger,
 )
 from qnoded.registry import DriverInfo
 
@@ -109,14 +107,6 @@ class DeviceManager:
 
     def _of_kind(self, kind: DeviceKind, tp: type[T]) -> list[T]:
         return [cast(T, d) for n, d in self.devices.items() if self.kinds[n] is kind]
-
-    @property
-    def lasers(self) -> list[Laser]:
-        return self._of_kind(DeviceKind.LASER, Laser)
-
-    @property
-    def taggers(self) -> list[TimeTagger]:
-        return self._of_kind(DeviceKind.TIME_TAGGER, TimeTagger)
 
     @property
     def detectors(self) -> list[Detector]:

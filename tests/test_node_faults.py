@@ -22,11 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
 
 from qnoded.broker import free_port
 from qnoded.demo import link_parameters, node_config, spawn_node, stop_node
+from qnoded.mqtt import Subscriber
 
 pytestmark = pytest.mark.slow
 
@@ -158,13 +158,10 @@ async def watch(
 ) -> dict[str, list[dict[str, Any]]]:
     """Collect a node's telemetry, alarms and status until ``until(seen)`` holds."""
     seen: dict[str, list[dict[str, Any]]] = {"telemetry": [], "alarms": [], "status": []}
-    async with aiomqtt.Client(broker[0], broker[1]) as client:
-        for leaf in seen:
-            await client.subscribe(f"qkd/v1/{node}/{leaf}")
+    async with Subscriber(broker, *(f"qkd/v1/{node}/{leaf}" for leaf in seen)) as sub:
         async with asyncio.timeout(timeout):
-            async for msg in client.messages:
-                data = json.loads(msg.payload if isinstance(msg.payload, bytes) else b"{}")
-                seen[str(msg.topic).rsplit("/", 1)[1]].append(data)
+            async for msg in sub:
+                seen[msg.topic.rsplit("/", 1)[1]].append(msg.payload)
                 if until(seen):
                     break
     return seen
@@ -333,13 +330,12 @@ def test_peer_killed_alarm_then_relock(nodes_factory: Any, mqtt_broker: tuple[st
     nodes.start("bob")
 
     async def scenario() -> tuple[dict[str, Any], float]:
-        async with aiomqtt.Client(*mqtt_broker) as client:
-            await client.subscribe("qkd/v1/alice/#")
+        async with Subscriber(mqtt_broker, "qkd/v1/alice/#") as sub:
             phase, t_back = "up", 0.0
             async with asyncio.timeout(40):
-                async for msg in client.messages:
-                    data = json.loads(msg.payload if isinstance(msg.payload, bytes) else b"{}")
-                    leaf = str(msg.topic).rsplit("/", 1)[1]
+                async for msg in sub:
+                    data = msg.payload
+                    leaf = msg.topic.rsplit("/", 1)[1]
                     if phase == "up" and leaf == "status" and data["state"] == "running":
                         nodes.procs["bob"].kill()  # no goodbye: the link just drops
                         nodes.procs["bob"].wait()

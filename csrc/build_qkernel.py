@@ -17,13 +17,13 @@ HERE = Path(__file__).resolve().parent
 # -O3 and no -ffast-math: the kernel's rounding rules (window bounds, slot
 # residuals) are defined in IEEE double and the numpy reference repeats them.
 _compile = ["-O3", "-std=c99", "-Wall", "-Wextra", "-fno-math-errno"]
-_link: list[str] = []
+_link: list[str] = ["-pthread"]
 _sanitize = os.environ.get("QNODED_SANITIZE", "")
 if _sanitize == "address":
     _san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     _compile = ["-std=c99", "-Wall", "-Wextra", *_san, "-O1", "-g"]
     _compile.append("-fno-sanitize-recover=undefined")  # a UB report fails the test run
-    _link = [*_san]
+    _link = [*_san, "-pthread"]
 elif _sanitize:
     raise ValueError(f"QNODED_SANITIZE={_sanitize!r}: only 'address' is supported")
 
@@ -40,6 +40,9 @@ CONSTANTS = (
     "QK_WINDOW_MAX",
 )
 
+HEADERS = ("qkernel.h", "qpost.h")
+SOURCES = ("qkernel.c", "qpost.c")
+
 
 def make_builder(module: str = "qnoded._qkernel", *, absolute: bool = False) -> cffi.FFI:
     """The FFI builder for the kernel, as extension ``module``.
@@ -53,19 +56,21 @@ def make_builder(module: str = "qnoded._qkernel", *, absolute: bool = False) -> 
     ffi.cdef(
         "\n".join(
             line
-            for line in (HERE / "qkernel.h").read_text().splitlines()
+            for header in HEADERS
+            for line in (HERE / header).read_text().splitlines()
             if not line.startswith("#")
         )
         + "".join(f"#define {name} ...\n" for name in CONSTANTS)
     )
     ffi.set_source(
         module,
-        '#include "qkernel.h"',
-        sources=[str(HERE / "qkernel.c") if absolute else "csrc/qkernel.c"],
+        "".join(f'#include "{header}"\n' for header in HEADERS),
+        sources=[str(HERE / src) if absolute else f"csrc/{src}" for src in SOURCES],
         include_dirs=[str(HERE)],
         extra_compile_args=_compile,
         extra_link_args=_link,
-        libraries=["m"],
+        # GMP: the privacy-amplification hash multiplies numbers of 1e8 bits.
+        libraries=["gmp", "m"],
     )
     return ffi
 

@@ -103,7 +103,7 @@ def _times_defect(name: str, t: I64, *, need_sorted: bool = True) -> str | None:
     return None
 
 
-def _check(rc: int, fn: str, times: dict[str, I64] | None = None) -> None:
+def check_status(rc: int, fn: str, times: dict[str, I64] | None = None) -> None:
     """Raise for a non-zero C status, naming the offending array if we can."""
     if rc == lib.QK_OK:
         return
@@ -122,7 +122,7 @@ def _check(rc: int, fn: str, times: dict[str, I64] | None = None) -> None:
     raise KernelInputError(f"{fn}: {messages.get(rc, f'C kernel error {rc}')}")
 
 
-def _ptr(ctype: str, a: Any) -> Any:
+def pointer(ctype: str, a: Any) -> Any:
     # from_buffer shares the array's memory (no copy); an empty array has no
     # buffer worth passing, and the C code never reads a pointer with n == 0.
     return ffi.cast(ctype, ffi.from_buffer(a)) if a.shape[0] else ffi.NULL
@@ -154,16 +154,16 @@ def diff_histogram(t_a: I64, t_b: I64, *, lo_ps: int, bin_ps: int, nbins: int) -
         )
     counts = np.empty(nbins, dtype=np.int64)
     rc = lib.qk_diff_histogram(
-        _ptr("int64_t *", t_a),
+        pointer("int64_t *", t_a),
         t_a.shape[0],
-        _ptr("int64_t *", t_b),
+        pointer("int64_t *", t_b),
         t_b.shape[0],
         int(lo_ps),
         int(bin_ps),
         int(nbins),
         ffi.cast("int64_t *", ffi.from_buffer(counts)),
     )
-    _check(rc, "diff_histogram", {"t_a": t_a, "t_b": t_b})
+    check_status(rc, "diff_histogram", {"t_a": t_a, "t_b": t_b})
     return counts
 
 
@@ -198,20 +198,20 @@ def coincidences_tracked(
     n_out = ffi.new("size_t *")
     off_out = ffi.new("double *")
     rc = lib.qk_coincidences(
-        _ptr("int64_t *", t_a),
+        pointer("int64_t *", t_a),
         t_a.shape[0],
-        _ptr("int64_t *", t_b),
+        pointer("int64_t *", t_b),
         t_b.shape[0],
         int(window_ps),
         float(offset_ps),
         gain,
-        _ptr("int64_t *", idx_a),
-        _ptr("int64_t *", idx_b),
+        pointer("int64_t *", idx_a),
+        pointer("int64_t *", idx_b),
         cap,
         n_out,
         off_out,
     )
-    _check(rc, "coincidences", {"t_a": t_a, "t_b": t_b})
+    check_status(rc, "coincidences", {"t_a": t_a, "t_b": t_b})
     n = int(n_out[0])
     return idx_a[:n], idx_b[:n], float(off_out[0])
 
@@ -249,19 +249,19 @@ def assign_slots(
     inside = np.empty(t.shape[0], dtype=np.uint8)
     t0_out = ffi.new("double *")
     rc = lib.qk_assign_slots(
-        _ptr("int64_t *", t),
+        pointer("int64_t *", t),
         t.shape[0],
         float(t0_ps),
         float(period_ps),
         int(window_ps),
         gain,
-        _ptr("int64_t *", slots),
-        _ptr("uint8_t *", inside),
+        pointer("int64_t *", slots),
+        pointer("uint8_t *", inside),
         t0_out,
     )
     if rc == lib.QK_ERANGE:
         raise KernelInputError("assign_slots: a slot number does not fit int64 (period too small)")
-    _check(rc, "assign_slots")
+    check_status(rc, "assign_slots")
     return slots, inside, float(t0_out[0])
 
 
@@ -276,13 +276,13 @@ def sift(basis_a: U8, basis_b: U8) -> I64:
     keep = np.empty(basis_a.shape[0], dtype=np.int64)
     n = ffi.new("size_t *")
     rc = lib.qk_sift(
-        _ptr("uint8_t *", basis_a),
-        _ptr("uint8_t *", basis_b),
+        pointer("uint8_t *", basis_a),
+        pointer("uint8_t *", basis_b),
         basis_a.shape[0],
-        _ptr("int64_t *", keep),
+        pointer("int64_t *", keep),
         n,
     )
-    _check(rc, "sift")
+    check_status(rc, "sift")
     return keep[: int(n[0])]
 
 
@@ -290,11 +290,11 @@ def pack_bits(bits: U8) -> U8:
     """0/1 bytes packed MSB first into ``ceil(n/8)`` bytes, like ``numpy.packbits``."""
     bits = _array("bits", bits, np.uint8)
     out = np.empty((bits.shape[0] + 7) // 8, dtype=np.uint8)
-    rc = lib.qk_pack_bits(_ptr("uint8_t *", bits), bits.shape[0], _ptr("uint8_t *", out))
+    rc = lib.qk_pack_bits(pointer("uint8_t *", bits), bits.shape[0], pointer("uint8_t *", out))
     if rc == lib.QK_ENOTBIT:
         k = int(np.flatnonzero(bits > 1)[0])
         raise KernelInputError(f"bits[{k}] = {int(bits[k])} is a value other than 0 or 1")
-    _check(rc, "pack_bits")
+    check_status(rc, "pack_bits")
     return out
 
 
@@ -304,8 +304,8 @@ def count_errors(a: U8, b: U8) -> int:
     if a.shape != b.shape:
         raise KernelInputError(f"a has {a.shape[0]} bits, b has {b.shape[0]}")
     n = ffi.new("size_t *")
-    rc = lib.qk_count_errors(_ptr("uint8_t *", a), _ptr("uint8_t *", b), a.shape[0], n)
-    _check(rc, "count_errors")
+    rc = lib.qk_count_errors(pointer("uint8_t *", a), pointer("uint8_t *", b), a.shape[0], n)
+    check_status(rc, "count_errors")
     return int(n[0])
 
 

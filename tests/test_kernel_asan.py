@@ -162,6 +162,91 @@ ia, ib = np.empty(100_000, np.int64), np.empty(100_000, np.int64)
 assert lib.qk_coincidences(p("int64_t *", a), a.size, p("int64_t *", b), b.size, 10_000, 0.0,
                            0.0, p("int64_t *", ia), p("int64_t *", ib), ia.size, n_out,
                            off_out) == 0
+
+# Post-processing kernels (qpost.c): a whole Cascade run driven from here with
+# exactly sized buffers, on keys of awkward lengths, then both hashes.
+for n, k1, k2, frame in ((2, 1, 2, 2), (37, 2, 8, 8), (1000, 8, 64, 128), (5000, 16, 256, 1024)):
+    a = rng.integers(0, 2, n, dtype=np.uint8)
+    bob = a ^ (rng.random(n) < 0.05).astype(np.uint8)
+    ks = np.array([k1, k2, k2], np.int64)
+    perms, invs = [], []
+    for q in range(3):
+        perm, inv = np.empty(n, np.uint32), np.empty(n, np.uint32)
+        assert lib.qp_permutation(q + 1, n, frame, p("uint32_t *", perm), p("uint32_t *", inv)) == 0
+        assert np.array_equal(np.sort(perm), np.arange(n))
+        perms.append(perm)
+        invs.append(inv)
+    tops, bobs, knowns, pres = [], [], [], []
+    for q in range(3):
+        nbl = -(-n // int(ks[q]))
+        top, bp = np.empty(nbl, np.uint8), np.empty(nbl, np.uint8)
+        assert lib.qp_block_parity(p("uint8_t *", a), p("uint32_t *", perms[q]), n, int(ks[q]),
+                                   p("uint8_t *", top)) == 0
+        assert lib.qp_block_parity(p("uint8_t *", bob), p("uint32_t *", perms[q]), n,
+                                   int(ks[q]), p("uint8_t *", bp)) == 0
+        kp = 1 << max(0, int(ks[q] - 1).bit_length())
+        known = np.full(nbl * 2 * kp, 2, np.uint8)
+        known[1::2 * kp] = top
+        pre = np.empty(n + 1, np.uint8)
+        assert lib.qp_prefix_parity(p("uint8_t *", a), p("uint32_t *", perms[q]), n,
+                                    p("uint8_t *", pre)) == 0
+        tops.append(top)
+        bobs.append(bp)
+        knowns.append(known)
+        pres.append(pre)
+    inv_ptrs = ffi.new("uint32_t *[]", [p("uint32_t *", v) for v in invs])
+    par_ptrs = ffi.new("uint8_t *[]", [p("uint8_t *", v) for v in bobs])
+    for _ in range(10_000):
+        odd = [(q, np.flatnonzero(bobs[q] ^ tops[q]).astype(np.int64)) for q in range(3)]
+        odd = [(q, o) for q, o in odd if o.size]
+        if not odd:
+            break
+        q, blocks = odd[0]
+        ns = blocks.size
+        node, pend = np.ones(ns, np.int64), np.zeros(ns, np.uint8)
+        ans = np.zeros(ns, np.uint8)
+        found = []
+        while ns:
+            qs, qe, err = np.empty(ns, np.int64), np.empty(ns, np.int64), np.empty(ns, np.int64)
+            assert lib.qp_cascade_step(p("uint8_t *", bob), p("uint32_t *", perms[q]), n,
+                                       int(ks[q]), p("uint8_t *", knowns[q]),
+                                       p("int64_t *", blocks), p("int64_t *", node),
+                                       p("uint8_t *", pend), p("uint8_t *", ans), ns,
+                                       p("int64_t *", qs), p("int64_t *", qe),
+                                       p("int64_t *", err)) == 0
+            found.extend(err[err >= 0].tolist())
+            keep = err < 0
+            blocks, node, pend = blocks[keep].copy(), node[keep].copy(), pend[keep].copy()
+            qs, qe, ns = qs[keep].copy(), qe[keep].copy(), int(keep.sum())
+            ans = np.empty(ns, np.uint8)
+            assert lib.qp_range_parity(p("uint8_t *", pres[q]), n, p("int64_t *", qs),
+                                       p("int64_t *", qe), ns, p("uint8_t *", ans)) == 0
+        idx = np.array(sorted(set(found)), np.int64)
+        assert lib.qp_flip(p("uint8_t *", bob), n, p("int64_t *", idx), idx.size, 3, inv_ptrs,
+                           p("int64_t *", ks), par_ptrs) == 0
+    for q in range(3):
+        chk = np.empty(tops[q].size, np.uint8)
+        lib.qp_block_parity(p("uint8_t *", bob), p("uint32_t *", perms[q]), n, int(ks[q]),
+                            p("uint8_t *", chk))
+        assert np.array_equal(chk, tops[q])
+    bad = np.array([0], np.int64)
+    assert lib.qp_range_parity(p("uint8_t *", pres[0]), n, p("int64_t *", bad),
+                               p("int64_t *", bad), 1, p("uint8_t *", np.empty(1, np.uint8))) \
+        == lib.QK_EINVAL
+for length in (0, 1, 7, 8, 1000):
+    data = rng.integers(0, 256, length, dtype=np.uint8)
+    pts = np.array([3, 2**61 - 2], np.uint64)
+    assert lib.qp_poly61(p("uint8_t *", data), length, p("uint64_t *", pts), 2,
+                         p("uint64_t *", np.empty(2, np.uint64))) == 0
+for nbits, k, m in ((1, 2, 1), (100, 107, 50), (5000, 9689, 4000)):
+    x = rng.integers(0, 256, (nbits + 7) // 8, dtype=np.uint8)
+    kb = (k + 7) // 8
+    av = np.zeros(kb, np.uint8)
+    av[0] = 2  # below every p here (p = 3 for k = 2)
+    bv = np.zeros(kb, np.uint8)
+    out = np.empty((m + 7) // 8, np.uint8)
+    assert lib.qp_mersenne_hash(p("uint8_t *", x), nbits, p("uint8_t *", av), p("uint8_t *", bv),
+                                k, m, p("uint8_t *", out)) == 0
 print("exercised")
 """
 

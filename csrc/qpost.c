@@ -1,0 +1,303 @@
+/* qpost: see qpost.h for the contract of every entry point. */
+#include "qpost.h"
+
+#include "qkernel.h"
+
+#include <gmp.h>
+#include <pthread.h>
+#include <string.h>
+
+/* SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and defined on every
+ * platform the same way, which is all a public shuffle needs. */
+static uint64_t splitmix64(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* Uniform in [0, bound) without modulo bias (Lemire's multiply-and-reject). */
+static uint64_t below(uint64_t *state, uint64_t bound) {
+    unsigned __int128 m = (unsigned __int128)splitmix64(state) * bound;
+    uint64_t low = (uint64_t)m;
+    if (low < bound) {
+        const uint64_t threshold = (0 - bound) % bound;
+        while (low < threshold) {
+            m = (unsigned __int128)splitmix64(state) * bound;
+            low = (uint64_t)m;
+        }
+    }
+    return (uint64_t)(m >> 64);
+}
+
+int qp_permutation(uint64_t seed, int64_t n, int64_t frame, uint32_t *perm, uint32_t *inv) {
+    if (n < 0 || n > (int64_t)UINT32_MAX || frame <= 0 || (n > 0 && (!perm || !inv)))
+        return QK_EINVAL;
+    for (int64_t i = 0; i < n; i++) perm[i] = (uint32_t)i;
+    uint64_t state = seed;
+    int64_t len = 0;
+    for (int64_t lo = 0; lo < n; lo += len) {
+        /* The last frame takes the tail too (frame..2*frame-1 bits): a short
+         * tail frame would be a single late-pass block, whose even error
+         * patterns no late pass could split. */
+        len = (n - lo >= 2 * frame) ? frame : n - lo;
+        for (int64_t i = len - 1; i > 0; i--) {
+            const uint64_t j = below(&state, (uint64_t)i + 1);
+            const uint32_t tmp = perm[lo + i];
+            perm[lo + i] = perm[lo + (int64_t)j];
+            perm[lo + (int64_t)j] = tmp;
+        }
+    }
+    for (int64_t i = 0; i < n; i++) inv[perm[i]] = (uint32_t)i;
+    return QK_OK;
+}
+
+int qp_prefix_parity(const uint8_t *bits, const uint32_t *perm, int64_t n, uint8_t *pre) {
+    if (n < 0 || !pre || (n > 0 && (!bits || !perm))) return QK_EINVAL;
+    uint8_t acc = 0;
+    pre[0] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t j = perm[i];
+        if (j >= (uint64_t)n) return QK_EINVAL;
+        acc ^= bits[j] & 1;
+        pre[i + 1] = acc;
+    }
+    return QK_OK;
+}
+
+int qp_range_parity(const uint8_t *pre, int64_t n, const int64_t *start, const int64_t *end,
+                    int64_t nq, uint8_t *out) {
+    if (n < 0 || nq < 0 || !pre || (nq > 0 && (!start || !end || !out))) return QK_EINVAL;
+    for (int64_t q = 0; q < nq; q++) {
+        if (start[q] < 0 || start[q] >= end[q] || end[q] > n) return QK_EINVAL;
+        out[q] = pre[end[q]] ^ pre[start[q]];
+    }
+    return QK_OK;
+}
+
+int qp_block_parity(const uint8_t *bits, const uint32_t *perm, int64_t n, int64_t k,
+                    uint8_t *out) {
+    if (n < 0 || k <= 0 || (n > 0 && (!bits || !perm || !out))) return QK_EINVAL;
+    for (int64_t lo = 0, b = 0; lo < n; lo += k, b++) {
+        const int64_t hi = (n - lo > k) ? lo + k : n;
+        uint8_t acc = 0;
+        for (int64_t i = lo; i < hi; i++) {
+            if (perm[i] >= (uint64_t)n) return QK_EINVAL;
+            acc ^= bits[perm[i]];
+        }
+        out[b] = acc & 1;
+    }
+    return QK_OK;
+}
+
+static int64_t pow2_at_least(int64_t k) {
+    int64_t p = 1;
+    while (p < k) p <<= 1;
+    return p;
+}
+
+/* Range [lo, hi) of a tree node: walk down from the block's root along the
+ * node's bits (after the leading one), halving as qp_cascade_step does. */
+static int node_range(int64_t node, int64_t lo, int64_t hi, int64_t *lo_out, int64_t *hi_out) {
+    int depth = 0;
+    while ((node >> depth) > 1) depth++;
+    for (int d = depth - 1; d >= 0; d--) {
+        if (hi - lo < 2) return QK_EINVAL;
+        const int64_t mid = lo + (hi - lo + 1) / 2;
+        if ((node >> d) & 1) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    *lo_out = lo;
+    *hi_out = hi;
+    return QK_OK;
+}
+
+int qp_cascade_step(const uint8_t *bits, const uint32_t *perm, int64_t n, int64_t k,
+                    uint8_t *known, const int64_t *blk, int64_t *node, uint8_t *node_pending,
+                    const uint8_t *answers, int64_t ns, int64_t *q_start, int64_t *q_end,
+                    int64_t *err_out) {
+    if (n <= 0 || k <= 0 || ns < 0) return QK_EINVAL;
+    if (ns > 0 && (!bits || !perm || !known || !blk || !node || !node_pending || !answers ||
+                   !q_start || !q_end || !err_out))
+        return QK_EINVAL;
+    const int64_t kp = pow2_at_least(k);
+    const int64_t nblocks = (n + k - 1) / k;
+    for (int64_t s = 0; s < ns; s++) {
+        const int64_t b = blk[s];
+        int64_t nd = node[s];
+        if (b < 0 || b >= nblocks || nd < 1 || nd >= 2 * kp) return QK_EINVAL;
+        uint8_t *tree = known + b * 2 * kp;
+        const int64_t b_lo = b * k;
+        const int64_t b_hi = (n - b_lo > k) ? b_lo + k : n;
+        int64_t lo, hi;
+        if (node_range(nd, b_lo, b_hi, &lo, &hi) != QK_OK) return QK_EINVAL;
+        if (tree[nd] > 1) return QK_EINVAL; /* a search starts where Alice's parity is known */
+        if (node_pending[s]) {
+            if (2 * nd + 1 >= 2 * kp) return QK_EINVAL;
+            tree[2 * nd] = answers[s] & 1;
+            node_pending[s] = 0;
+        }
+        err_out[s] = -1;
+        for (;;) {
+            if (hi - lo == 1) {
+                err_out[s] = perm[lo];
+                break;
+            }
+            const int64_t mid = lo + (hi - lo + 1) / 2;
+            const int64_t left = 2 * nd, right = 2 * nd + 1;
+            if (tree[left] > 1 && tree[right] <= 1) tree[left] = tree[nd] ^ tree[right];
+            if (tree[left] > 1) {
+                q_start[s] = lo;
+                q_end[s] = mid;
+                node_pending[s] = 1;
+                break;
+            }
+            tree[right] = tree[nd] ^ tree[left];
+            uint8_t bob = 0;
+            for (int64_t i = lo; i < mid; i++) bob ^= bits[perm[i]];
+            if ((bob & 1) != tree[left]) {
+                nd = left;
+                hi = mid;
+            } else {
+                nd = right;
+                lo = mid;
+            }
+        }
+        node[s] = nd;
+    }
+    return QK_OK;
+}
+
+int qp_flip(uint8_t *bits, int64_t n, const int64_t *idx, int64_t nidx, int npass,
+            const uint32_t *const *invs, const int64_t *ks, uint8_t *const *bob_par) {
+    if (n < 0 || nidx < 0 || npass < 0) return QK_EINVAL;
+    if (nidx > 0 && (!bits || !idx)) return QK_EINVAL;
+    if (npass > 0 && (!invs || !ks || !bob_par)) return QK_EINVAL;
+    for (int p = 0; p < npass; p++)
+        if (ks[p] <= 0 || !invs[p] || !bob_par[p]) return QK_EINVAL;
+    for (int64_t i = 0; i < nidx; i++)
+        if (idx[i] < 0 || idx[i] >= n) return QK_EINVAL;
+    for (int64_t i = 0; i < nidx; i++) {
+        const int64_t x = idx[i];
+        bits[x] ^= 1;
+        for (int p = 0; p < npass; p++) bob_par[p][invs[p][x] / ks[p]] ^= 1;
+    }
+    return QK_OK;
+}
+
+/* ---- hashing ------------------------------------------------------------ */
+
+static const uint64_t P61 = (((uint64_t)1) << 61) - 1;
+
+static uint64_t mulmod61(uint64_t a, uint64_t b) {
+    const unsigned __int128 m = (unsigned __int128)a * b;
+    uint64_t r = (uint64_t)(m & P61) + (uint64_t)(m >> 61);
+    r = (r & P61) + (r >> 61);
+    return r >= P61 ? r - P61 : r;
+}
+
+static uint64_t addmod61(uint64_t a, uint64_t b) {
+    const uint64_t r = a + b; /* both < 2^61: no overflow */
+    return r >= P61 ? r - P61 : r;
+}
+
+int qp_poly61(const uint8_t *data, int64_t len, const uint64_t *r, int t, uint64_t *out) {
+    if (len < 0 || t <= 0 || !r || !out || (len > 0 && !data)) return QK_EINVAL;
+    for (int j = 0; j < t; j++)
+        if (r[j] >= P61) return QK_EINVAL;
+    for (int j = 0; j < t; j++) out[j] = 0;
+    for (int64_t pos = 0; pos < len; pos += 7) {
+        uint64_t chunk = 0;
+        const int64_t take = (len - pos < 7) ? len - pos : 7;
+        for (int64_t i = 0; i < take; i++) chunk |= (uint64_t)data[pos + i] << (8 * i);
+        for (int j = 0; j < t; j++) out[j] = mulmod61(addmod61(out[j], chunk), r[j]);
+    }
+    /* The length closes the polynomial, so strings of different lengths (or
+     * differing only in trailing zero bytes) give different polynomials. */
+    const uint64_t tail = (uint64_t)len % P61;
+    for (int j = 0; j < t; j++) out[j] = mulmod61(addmod61(out[j], tail), r[j]);
+    return QK_OK;
+}
+
+/* Above this many key bits the product a*x is split in two halves computed on
+ * two threads; below it a thread costs more than it saves. */
+#define QP_SPLIT_BITS 4000000
+
+struct mul_job {
+    mpz_ptr out;
+    mpz_srcptr x, y;
+};
+
+static void *mul_worker(void *arg) {
+    struct mul_job *job = arg;
+    mpz_mul(job->out, job->x, job->y);
+    return NULL;
+}
+
+/* out = a * x, on two cores when x is long: a*x = (a*x_hi << h) + a*x_lo. */
+static void mul_split(mpz_t out, const mpz_t a, const mpz_t x, int64_t nbits) {
+    if (nbits < QP_SPLIT_BITS) {
+        mpz_mul(out, a, x);
+        return;
+    }
+    const mp_bitcnt_t h = (mp_bitcnt_t)(nbits / 2);
+    mpz_t lo, hi, plo;
+    mpz_inits(lo, hi, plo, NULL);
+    mpz_tdiv_r_2exp(lo, x, h);
+    mpz_tdiv_q_2exp(hi, x, h);
+    struct mul_job job = {plo, a, lo};
+    pthread_t thread;
+    const int threaded = pthread_create(&thread, NULL, mul_worker, &job) == 0;
+    if (!threaded) mul_worker(&job);
+    mpz_mul(out, a, hi);
+    if (threaded) pthread_join(thread, NULL);
+    mpz_mul_2exp(out, out, h);
+    mpz_add(out, out, plo);
+    /* Halves of the key: wipe before freeing. */
+    mpz_set_ui(lo, 0);
+    mpz_set_ui(hi, 0);
+    mpz_set_ui(plo, 0);
+    mpz_clears(lo, hi, plo, NULL);
+}
+
+int qp_mersenne_hash(const uint8_t *x, int64_t nbits, const uint8_t *a, const uint8_t *b,
+                     int64_t kbits, int64_t mbits, uint8_t *out) {
+    if (nbits < 0 || kbits < 2 || nbits >= kbits || mbits <= 0 || mbits >= kbits) return QK_EINVAL;
+    if (!a || !b || !out || (nbits > 0 && !x)) return QK_EINVAL;
+    const size_t xbytes = (size_t)(nbits + 7) / 8, kbytes = (size_t)(kbits + 7) / 8;
+    const size_t mbytes = (size_t)(mbits + 7) / 8;
+    mpz_t vx, va, vb, p, hi;
+    mpz_inits(vx, va, vb, p, hi, NULL);
+    mpz_import(vx, xbytes, -1, 1, 0, 0, x);
+    mpz_import(va, kbytes, -1, 1, 0, 0, a);
+    mpz_import(vb, kbytes, -1, 1, 0, 0, b);
+    /* Bits of the last byte beyond nbits are not part of the key. */
+    mpz_tdiv_r_2exp(vx, vx, (mp_bitcnt_t)nbits);
+    mpz_ui_pow_ui(p, 2, (unsigned long)kbits);
+    mpz_sub_ui(p, p, 1);
+    int rc = QK_OK;
+    if (mpz_sgn(va) == 0 || mpz_cmp(va, p) >= 0 || mpz_cmp(vb, p) >= 0) {
+        rc = QK_EINVAL;
+    } else {
+        mul_split(vx, va, vx, nbits);
+        mpz_add(vx, vx, vb);
+        /* x mod (2^k - 1): fold the high part onto the low part. */
+        while (mpz_cmp(vx, p) >= 0) {
+            mpz_tdiv_q_2exp(hi, vx, (mp_bitcnt_t)kbits);
+            mpz_tdiv_r_2exp(vx, vx, (mp_bitcnt_t)kbits);
+            mpz_add(vx, vx, hi);
+            if (mpz_cmp(vx, p) == 0) mpz_set_ui(vx, 0);
+        }
+        mpz_tdiv_r_2exp(vx, vx, (mp_bitcnt_t)mbits);
+        memset(out, 0, mbytes);
+        size_t count = 0;
+        mpz_export(out, &count, -1, 1, 0, 0, vx);
+    }
+    /* The key passed through these numbers: wipe before freeing. */
+    mpz_set_ui(vx, 0);
+    mpz_clears(vx, va, vb, p, hi, NULL);
+    return rc;
+}

@@ -1,0 +1,228 @@
+"""The key store: SQLite in WAL mode, one file in the state directory.
+
+A block's keys are written in one transaction, so after any crash a block is
+either whole or absent.  Two states make a block commit on both nodes or on
+neither (the peer protocol drives them): Bob stores a block ``pending``, Alice
+stores it ``ready`` once Bob has it (her commit is the decision), then Bob
+marks it ``ready``.  After a restart Bob asks Alice about each of his pending
+blocks: ``ready`` at Alice means commit, unknown means discard.
+
+Delivery is at most once: keys are marked ``delivering`` in one transaction
+before they leave, and deleted (bytes overwritten first) once the consumer
+has them.  Keys found ``delivering`` at start-up belong to a delivery a crash
+interrupted; they may have reached the consumer, so they are destroyed, never
+sent again.
+
+Key bytes never leave this module except to a caller that delivers them; the
+:class:`Key` record hides them from ``repr`` so a log line or a traceback that
+shows one does not show its bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+BlockState = Literal["pending", "ready"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blocks (
+    block_id TEXT PRIMARY KEY,
+    peer TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'ready')),
+    created REAL NOT NULL,
+    n_keys INTEGER NOT NULL,
+    stats TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    key_id TEXT PRIMARY KEY,
+    block_id TEXT NOT NULL REFERENCES blocks (block_id),
+    idx INTEGER NOT NULL,
+    material BLOB NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'ready', 'delivering'))
+);
+CREATE INDEX IF NOT EXISTS keys_by_state ON keys (state, block_id, idx);
+"""
+
+
+class KeyStoreError(Exception):
+    """The store refused an operation; the message names the block or key, never bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    key_id: uuid.UUID
+    material: bytes = field(repr=False)
+    block_id: uuid.UUID
+
+    @property
+    def bits(self) -> int:
+        return 8 * len(self.material)
+
+
+def key_ids(block_id: uuid.UUID, count: int) -> list[uuid.UUID]:
+    """The IDs of a block's keys: both nodes derive the same ones from the block ID."""
+    return [uuid.uuid5(block_id, str(i)) for i in range(count)]
+
+
+class KeyStore:
+    """One node's keys for one peer link."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ...
+        # COMMIT), so each block is exactly one transaction.
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk when it returns; the peer is told only then.
+        self._db.execute("PRAGMA synchronous=FULL")
+        # Freed pages are zeroed, so deleted key bytes do not linger in the file.
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        self.destroyed_at_start = self._destroy_interrupted()
+
+    def close(self) -> None:
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.close()
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _tx(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        cur = self._db.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            for sql, args in statements:
+                cur.execute(sql, args)
+            cur.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                cur.execute("ROLLBACK")
+            raise
+
+    def _destroy_interrupted(self) -> int:
+        n = self._db.execute("SELECT count(*) FROM keys WHERE state = 'delivering'").fetchone()[0]
+        if n:
+            self._wipe("state = 'delivering'", ())
+        return int(n)
+
+    def _wipe(self, where: str, args: Sequence[Any]) -> None:
+        self._tx(
+            [
+                (f"UPDATE keys SET material = zeroblob(length(material)) WHERE {where}", args),  # noqa: S608 - fixed fragments
+                (f"DELETE FROM keys WHERE {where}", args),  # noqa: S608
+            ]
+        )
+
+    # -- blocks ---------------------------------------------------------------
+    def add_block(
+        self,
+        block_id: uuid.UUID,
+        peer: str,
+        keys: Sequence[bytes],
+        state: BlockState,
+        stats: dict[str, Any],
+    ) -> list[uuid.UUID]:
+        """Store a block's keys in one transaction; returns their IDs."""
+        ids = key_ids(block_id, len(keys))
+        rows: list[tuple[str, Sequence[Any]]] = [
+            (
+                "INSERT INTO blocks (block_id, peer, state, created, n_keys, stats)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (str(block_id), peer, state, time.time(), len(keys), json.dumps(stats)),
+            )
+        ]
+        rows += [
+            (
+                "INSERT INTO keys (key_id, block_id, idx, material, state) VALUES (?, ?, ?, ?, ?)",
+                (str(kid), str(block_id), i, bytes(k), state),
+            )
+            for i, (kid, k) in enumerate(zip(ids, keys, strict=True))
+        ]
+        try:
+            self._tx(rows)
+        except sqlite3.IntegrityError as exc:
+            raise KeyStoreError(f"block {block_id} is already stored") from exc
+        return ids
+
+    def block_state(self, block_id: uuid.UUID) -> BlockState | None:
+        row = self._db.execute(
+            "SELECT state FROM blocks WHERE block_id = ?", (str(block_id),)
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def commit_block(self, block_id: uuid.UUID) -> None:
+        """A pending block becomes deliverable (Bob, once Alice has committed)."""
+        if self.block_state(block_id) != "pending":
+            raise KeyStoreError(f"block {block_id} is not pending here")
+        self._tx(
+            [
+                ("UPDATE blocks SET state = 'ready' WHERE block_id = ?", (str(block_id),)),
+                (
+                    "UPDATE keys SET state = 'ready' WHERE block_id = ? AND state = 'pending'",
+                    (str(block_id),),
+                ),
+            ]
+        )
+
+    def discard_block(self, block_id: uuid.UUID) -> None:
+        """Destroy a pending block (the peer never committed it)."""
+        if self.block_state(block_id) != "pending":
+            raise KeyStoreError(f"block {block_id} is not pending here; only pending ones go")
+        self._wipe("block_id = ?", (str(block_id),))
+        self._tx([("DELETE FROM blocks WHERE block_id = ?", (str(block_id),))])
+
+    def pending_blocks(self) -> list[uuid.UUID]:
+        rows = self._db.execute(
+            "SELECT block_id FROM blocks WHERE state = 'pending' ORDER BY created"
+        ).fetchall()
+        return [uuid.UUID(r[0]) for r in rows]
+
+    # -- delivery ---------------------------------------------------------------
+    def ready_count(self) -> tuple[int, int]:
+        """(keys, bits) waiting for delivery."""
+        n, nbytes = self._db.execute(
+            "SELECT count(*), coalesce(sum(length(material)), 0) FROM keys WHERE state = 'ready'"
+        ).fetchone()
+        return int(n), 8 * int(nbytes)
+
+    def take(self, limit: int) -> list[Key]:
+        """Up to ``limit`` ready keys, oldest first, marked as being delivered."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            rows = cur.execute(
+                "SELECT k.key_id, k.material, k.block_id FROM keys k"
+                " JOIN blocks b ON b.block_id = k.block_id"
+                " WHERE k.state = 'ready' ORDER BY b.created, k.idx LIMIT ?",
+                (limit,),
+            ).fetchall()
+            cur.executemany(
+                "UPDATE keys SET state = 'delivering' WHERE key_id = ?", [(r[0],) for r in rows]
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return [Key(uuid.UUID(r[0]), bytes(r[1]), uuid.UUID(r[2])) for r in rows]
+
+    def delivered(self, keys: Iterable[uuid.UUID]) -> None:
+        """The consumer has these keys: overwrite and delete them."""
+        for kid in keys:
+            self._wipe("key_id = ? AND state = 'delivering'", (str(kid),))
+
+    def ready_ids(self) -> list[uuid.UUID]:
+        """IDs of the deliverable keys (for comparing two nodes' stores)."""
+        rows = self._db.execute("SELECT key_id FROM keys WHERE state = 'ready'").fetchall()
+        return sorted(uuid.UUID(r[0]) for r in rows)

@@ -1,0 +1,126 @@
+"""Key store: whole blocks or none, after SIGKILL; delivery at most once; bytes wiped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from qnoded.keystore import KeyStore, KeyStoreError, key_ids
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WRITER = r"""
+import os, sys, uuid
+from qnoded.keystore import KeyStore
+store = KeyStore(sys.argv[1])
+i = 0
+while True:
+    n = 1 + i % 50
+    keys = [os.urandom(32) for _ in range(n)]
+    store.add_block(uuid.uuid4(), "bob", keys, "pending" if i % 2 else "ready", {"i": i})
+    if i % 3 == 0:
+        for k in store.take(5):
+            store.delivered([k.key_id])
+    i += 1
+    if i == 20:
+        print("writing", flush=True)
+"""
+
+
+def test_block_roundtrip_and_states(tmp_path: Path) -> None:
+    with KeyStore(tmp_path / "keys.db") as store:
+        block = uuid.uuid4()
+        ids = store.add_block(block, "bob", [b"\x01" * 32, b"\x02" * 32], "pending", {"qber": 0.02})
+        assert ids == key_ids(block, 2)
+        assert store.pending_blocks() == [block]
+        assert store.ready_count() == (0, 0)
+        assert store.take(10) == []  # pending keys are not deliverable
+        store.commit_block(block)
+        assert store.block_state(block) == "ready"
+        assert store.ready_count() == (2, 512)
+        with pytest.raises(KeyStoreError, match="already stored"):
+            store.add_block(block, "bob", [b"x"], "ready", {})
+        with pytest.raises(KeyStoreError, match="not pending"):
+            store.discard_block(block)
+
+
+def test_discard_leaves_nothing(tmp_path: Path) -> None:
+    with KeyStore(tmp_path / "keys.db") as store:
+        block = uuid.uuid4()
+        store.add_block(block, "bob", [b"\xaa" * 32], "pending", {})
+        store.discard_block(block)
+        assert store.block_state(block) is None
+        assert store.pending_blocks() == []
+
+
+def test_delivery_is_at_most_once(tmp_path: Path) -> None:
+    path = tmp_path / "keys.db"
+    store = KeyStore(path)
+    store.add_block(uuid.uuid4(), "bob", [bytes([i]) * 32 for i in range(6)], "ready", {})
+    first = store.take(2)
+    assert len(first) == 2
+    assert "material" not in repr(first[0])  # bytes never shown by repr
+    store.delivered([first[0].key_id])
+    # first[1] is "in flight" when the process dies: never delivered again.
+    store._db.close()
+    again = KeyStore(path)
+    assert again.destroyed_at_start == 1
+    rest = again.take(10)
+    assert {k.key_id for k in rest}.isdisjoint({k.key_id for k in first})
+    assert len(rest) == 4
+    again.delivered(k.key_id for k in rest)
+    assert again.ready_count() == (0, 0)
+    again.close()
+
+
+def test_deleted_key_bytes_are_not_in_the_files(tmp_path: Path) -> None:
+    path = tmp_path / "keys.db"
+    secret = b"\x5a\xc3" * 16
+    with KeyStore(path) as store:
+        store.add_block(uuid.uuid4(), "bob", [secret], "ready", {})
+        (key,) = store.take(1)
+        store.delivered([key.key_id])
+    for f in tmp_path.iterdir():
+        assert secret not in f.read_bytes(), f.name
+
+
+def test_sigkill_leaves_whole_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "keys.db"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for attempt in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, env=env
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"writing"
+        time.sleep(0.05 * (attempt + 1))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        with KeyStore(path):  # opens, recovers the WAL, destroys interrupted deliveries
+            pass
+        db = sqlite3.connect(path)
+        blocks = db.execute("SELECT block_id, n_keys FROM blocks").fetchall()
+        assert blocks, "the writer stored nothing before it was killed"
+        for block_id, n_keys in blocks:
+            stored = db.execute(
+                "SELECT idx, state FROM keys WHERE block_id = ?", (block_id,)
+            ).fetchall()
+            # Keys go only by delivery (ready ones); a block never lacks keys otherwise.
+            states = {s for _, s in stored}
+            assert "delivering" not in states
+            if "pending" in states:
+                assert len(stored) == n_keys, block_id
+        orphans = db.execute(
+            "SELECT count(*) FROM keys WHERE block_id NOT IN (SELECT block_id FROM blocks)"
+        ).fetchone()[0]
+        assert orphans == 0
+        db.close()

@@ -127,21 +127,24 @@ def _count_triple(name: str, value: object) -> tuple[int, int, int]:
         raise EstimationError(
             f"cannot bound: {name} must hold one count per class (mu1, mu2, mu3), got {value!r}"
         )
-    counts: list[int] = []
-    for k, item in enumerate(items):
-        # bool is an int to Python but never a count; numpy integers are welcome.
-        if isinstance(item, bool):
-            raise EstimationError(f"cannot bound: {name}[{k}] is a bool, not a count")
-        try:
-            count = operator.index(item)
-        except TypeError as exc:
-            raise EstimationError(
-                f"cannot bound: {name}[{k}] must be an integer count, got {item!r}"
-            ) from exc
-        if count < 0:
-            raise EstimationError(f"cannot bound: {name}[{k}] = {count} is negative")
-        counts.append(count)
+    counts = [_count(f"{name}[{k}]", item) for k, item in enumerate(items)]
     return (counts[0], counts[1], counts[2])
+
+
+def _count(name: str, item: object) -> int:
+    """A non-negative integer count, or an EstimationError naming ``name``."""
+    # bool is an int to Python but never a count; numpy integers are welcome.
+    if isinstance(item, bool):
+        raise EstimationError(f"cannot bound: {name} is a bool, not a count")
+    try:
+        count = operator.index(item)  # type: ignore[arg-type]  # TypeError handled below
+    except TypeError as exc:
+        raise EstimationError(
+            f"cannot bound: {name} must be an integer count, got {item!r}"
+        ) from exc
+    if count < 0:
+        raise EstimationError(f"cannot bound: {name} = {count} is negative")
+    return count
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,16 +228,7 @@ def finite_key_length(
     counts: BlockCounts, inten: Intensities, leak_ec_bits: int, sec: Security = Security()
 ) -> FiniteKeyResult:
     """Secret key length of one block, Lim et al. 2014 eq. (1) with the bounds (2)-(5)."""
-    if isinstance(leak_ec_bits, bool):
-        raise EstimationError("cannot bound: leak_ec_bits is a bool, not a bit count")
-    try:
-        leak = operator.index(leak_ec_bits)
-    except TypeError as exc:
-        raise EstimationError(
-            f"cannot bound: leak_ec_bits must be an integer, got {leak_ec_bits!r}"
-        ) from exc
-    if leak < 0:
-        raise EstimationError(f"cannot bound: leak_ec_bits = {leak} is negative")
+    leak = _count("leak_ec_bits", leak_ec_bits)
 
     z_lo, z_hi = _hoeffding(counts.n_z, inten, sec)
     x_lo, x_hi = _hoeffding(counts.n_x, inten, sec)

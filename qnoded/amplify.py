@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qnoded._qkernel import lib
-from qnoded.kernel import KernelInputError, check_status, pointer
+from qnoded.kernel import check_status, checked_array, pointer
 
 U8 = npt.NDArray[np.uint8]
 U64 = npt.NDArray[np.uint64]
@@ -56,14 +56,8 @@ class HashError(ValueError):
 
 def pack_le(bits: U8) -> U8:
     """0/1 bytes to little-endian packed bytes (the hashes' view of a key)."""
-    if not isinstance(bits, np.ndarray) or bits.dtype != np.uint8 or bits.ndim != 1:
-        raise KernelInputError("key bits must be a 1-d uint8 array of 0/1")
-    return np.packbits(bits, bitorder="little")
-
-
-def unpack_le(data: bytes | U8, nbits: int) -> U8:
-    arr = np.frombuffer(bytes(data), dtype=np.uint8)
-    return np.unpackbits(arr, count=nbits, bitorder="little")
+    checked = checked_array("key bits", bits, np.uint8, make_contiguous=True)
+    return np.packbits(checked, bitorder="little")
 
 
 # -- verification -----------------------------------------------------------------

@@ -76,7 +76,14 @@ def version() -> int:
 # -- validation ------------------------------------------------------------------
 
 
-def _array(name: str, a: object, dtype: type[np.generic]) -> Any:
+def checked_array(
+    name: str, a: object, dtype: type[np.generic], *, make_contiguous: bool = False
+) -> Any:
+    """``a`` if it is a 1-d numpy array of ``dtype``, else a KernelInputError naming it.
+
+    A strided array is refused, or copied with ``make_contiguous`` (callers
+    that keep their own copy anyway).
+    """
     if not isinstance(a, np.ndarray):
         raise KernelInputError(f"{name} must be a numpy array, got {type(a).__name__}")
     if a.dtype != np.dtype(dtype):
@@ -84,6 +91,8 @@ def _array(name: str, a: object, dtype: type[np.generic]) -> Any:
     if a.ndim != 1:
         raise KernelInputError(f"{name} must be one-dimensional, got shape {a.shape}")
     if not a.flags.c_contiguous:
+        if make_contiguous:
+            return np.ascontiguousarray(a)
         raise KernelInputError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
     return a
 
@@ -143,7 +152,7 @@ def diff_histogram(t_a: I64, t_b: I64, *, lo_ps: int, bin_ps: int, nbins: int) -
     Bin ``k`` holds ``lo_ps + k*bin_ps <= d < lo_ps + (k+1)*bin_ps``.  Both
     inputs sorted ascending.  Cost O(len(t_a) + len(t_b) + pairs in range).
     """
-    t_a, t_b = _array("t_a", t_a, np.int64), _array("t_b", t_b, np.int64)
+    t_a, t_b = checked_array("t_a", t_a, np.int64), checked_array("t_b", t_b, np.int64)
     if bin_ps <= 0:
         raise KernelInputError(f"bin_ps must be positive, got {bin_ps}")
     if nbins <= 0:
@@ -184,7 +193,7 @@ def coincidences_tracked(
     loop filter), and later pairs use the moved window.  Both index arrays
     are ascending.  Both inputs must be sorted ascending.
     """
-    t_a, t_b = _array("t_a", t_a, np.int64), _array("t_b", t_b, np.int64)
+    t_a, t_b = checked_array("t_a", t_a, np.int64), checked_array("t_b", t_b, np.int64)
     if not 0 <= window_ps <= WINDOW_MAX_PS:
         raise KernelInputError(f"window_ps must be in [0, {WINDOW_MAX_PS}], got {window_ps}")
     if not abs(offset_ps) <= WINDOW_MAX_PS:
@@ -237,7 +246,7 @@ def assign_slots(
     follows the residual of each in-window detection: ``t0 += gain * residual``.
     ``t`` need not be sorted.
     """
-    t = _array("t", t, np.int64)
+    t = checked_array("t", t, np.int64)
     if not (math.isfinite(period_ps) and period_ps > 0):
         raise KernelInputError(f"period_ps must be positive and finite, got {period_ps}")
     if not math.isfinite(t0_ps):
@@ -267,8 +276,8 @@ def assign_slots(
 
 def sift(basis_a: U8, basis_b: U8) -> I64:
     """Ascending indices where Alice's and Bob's bases agree."""
-    basis_a = _array("basis_a", basis_a, np.uint8)
-    basis_b = _array("basis_b", basis_b, np.uint8)
+    basis_a = checked_array("basis_a", basis_a, np.uint8)
+    basis_b = checked_array("basis_b", basis_b, np.uint8)
     if basis_a.shape != basis_b.shape:
         raise KernelInputError(
             f"basis_a has {basis_a.shape[0]} entries, basis_b {basis_b.shape[0]}"
@@ -288,7 +297,7 @@ def sift(basis_a: U8, basis_b: U8) -> I64:
 
 def pack_bits(bits: U8) -> U8:
     """0/1 bytes packed MSB first into ``ceil(n/8)`` bytes, like ``numpy.packbits``."""
-    bits = _array("bits", bits, np.uint8)
+    bits = checked_array("bits", bits, np.uint8)
     out = np.empty((bits.shape[0] + 7) // 8, dtype=np.uint8)
     rc = lib.qk_pack_bits(pointer("uint8_t *", bits), bits.shape[0], pointer("uint8_t *", out))
     if rc == lib.QK_ENOTBIT:
@@ -300,7 +309,7 @@ def pack_bits(bits: U8) -> U8:
 
 def count_errors(a: U8, b: U8) -> int:
     """Number of positions where two uint8 arrays (bits) differ."""
-    a, b = _array("a", a, np.uint8), _array("b", b, np.uint8)
+    a, b = checked_array("a", a, np.uint8), checked_array("b", b, np.uint8)
     if a.shape != b.shape:
         raise KernelInputError(f"a has {a.shape[0]} bits, b has {b.shape[0]}")
     n = ffi.new("size_t *")
@@ -397,8 +406,8 @@ def _check_lock_args(t_a: I64, t_b: I64, max_offset_ps: int, resolution_ps: int)
         raise KernelInputError(f"max_offset_ps must be positive, got {max_offset_ps}")
     if resolution_ps <= 0:
         raise KernelInputError(f"resolution_ps must be positive, got {resolution_ps}")
-    _array("t_a", t_a, np.int64)
-    _array("t_b", t_b, np.int64)
+    checked_array("t_a", t_a, np.int64)
+    checked_array("t_b", t_b, np.int64)
     if t_a.shape[0] == 0 or t_b.shape[0] == 0:
         raise LockError(f"no tags to correlate ({t_a.shape[0]} and {t_b.shape[0]})")
 

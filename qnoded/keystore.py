@@ -117,13 +117,16 @@ class KeyStore:
             self._wipe("state = 'delivering'", ())
         return int(n)
 
+    @staticmethod
+    def _wipe_rows(where: str, args: Sequence[Any]) -> list[tuple[str, Sequence[Any]]]:
+        """Statements that overwrite, then delete, the keys ``where`` selects."""
+        return [
+            (f"UPDATE keys SET material = zeroblob(length(material)) WHERE {where}", args),  # noqa: S608 - fixed fragments
+            (f"DELETE FROM keys WHERE {where}", args),  # noqa: S608
+        ]
+
     def _wipe(self, where: str, args: Sequence[Any]) -> None:
-        self._tx(
-            [
-                (f"UPDATE keys SET material = zeroblob(length(material)) WHERE {where}", args),  # noqa: S608 - fixed fragments
-                (f"DELETE FROM keys WHERE {where}", args),  # noqa: S608
-            ]
-        )
+        self._tx(self._wipe_rows(where, args))
 
     # -- blocks ---------------------------------------------------------------
     def add_block(
@@ -180,8 +183,12 @@ class KeyStore:
         """Destroy a pending block (the peer never committed it)."""
         if self.block_state(block_id) != "pending":
             raise KeyStoreError(f"block {block_id} is not pending here; only pending ones go")
-        self._wipe("block_id = ?", (str(block_id),))
-        self._tx([("DELETE FROM blocks WHERE block_id = ?", (str(block_id),))])
+        self._tx(
+            [
+                *self._wipe_rows("block_id = ?", (str(block_id),)),
+                ("DELETE FROM blocks WHERE block_id = ?", (str(block_id),)),
+            ]
+        )
 
     def pending_blocks(self) -> list[uuid.UUID]:
         rows = self._db.execute(
@@ -218,9 +225,12 @@ class KeyStore:
         return [Key(uuid.UUID(r[0]), bytes(r[1]), uuid.UUID(r[2])) for r in rows]
 
     def delivered(self, keys: Iterable[uuid.UUID]) -> None:
-        """The consumer has these keys: overwrite and delete them."""
-        for kid in keys:
-            self._wipe("key_id = ? AND state = 'delivering'", (str(kid),))
+        """The consumer has these keys: overwrite and delete them, in one transaction."""
+        self._tx(
+            row
+            for kid in keys
+            for row in self._wipe_rows("key_id = ? AND state = 'delivering'", (str(kid),))
+        )
 
     def ready_ids(self) -> list[uuid.UUID]:
         """IDs of the deliverable keys (for comparing two nodes' stores)."""

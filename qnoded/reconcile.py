@@ -26,14 +26,13 @@ import hashlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from qnoded._qkernel import ffi, lib
 from qnoded.estimation import h2
-from qnoded.kernel import KernelInputError, check_status, pointer
+from qnoded.kernel import check_status, checked_array, pointer
 
 U8 = npt.NDArray[np.uint8]
 U32 = npt.NDArray[np.uint32]
@@ -119,12 +118,11 @@ def _shuffles(n: int, seed: int, passes: int, frame: int) -> tuple[tuple[U32, U3
     return tuple(out)
 
 
-def _bits(name: str, bits: Any, n: int) -> U8:
-    if not isinstance(bits, np.ndarray) or bits.dtype != np.uint8 or bits.ndim != 1:
-        raise KernelInputError(f"{name} must be a 1-d uint8 array of 0/1")
-    if bits.shape[0] != n:
-        raise ReconcileError(f"{name} has {bits.shape[0]} bits, the plan says {n}")
-    return np.ascontiguousarray(bits)
+def _bits(name: str, bits: object, n: int) -> U8:
+    arr: U8 = checked_array(name, bits, np.uint8, make_contiguous=True)
+    if arr.shape[0] != n:
+        raise ReconcileError(f"{name} has {arr.shape[0]} bits, the plan says {n}")
+    return arr
 
 
 def block_parities(bits: U8, plan: CascadePlan, p: int) -> U8:
@@ -231,7 +229,6 @@ class _Searches:
     blocks: I64
     node: I64
     pending: U8
-    asked: int = 0  # how many of them asked Alice in the last round
 
 
 class CascadeBob:
@@ -304,8 +301,7 @@ class CascadeBob:
         if done.any():
             self._found.append(err[done])
         keep = ~done
-        srch.asked = int(np.count_nonzero(keep))
-        if not srch.asked:
+        if not keep.any():
             return None
         srch.blocks = np.ascontiguousarray(srch.blocks[keep])
         srch.node = np.ascontiguousarray(srch.node[keep])
@@ -316,7 +312,8 @@ class CascadeBob:
         parts: list[tuple[int, I64, I64]] = []
         pos = 0
         for p, srch in list(self._wave.items()):
-            n_ans = srch.asked
+            # Every search still in a wave after a step has asked one question.
+            n_ans = srch.blocks.shape[0]
             ans = (
                 np.zeros(srch.blocks.shape[0], dtype=np.uint8)
                 if answers is None
@@ -368,7 +365,7 @@ class CascadeBob:
     def next_query(self, answers: U8 | None = None) -> Query | None:
         """The next question for Alice, given her answers to the last; None when done."""
         if answers is not None:
-            expected = sum(s.asked for s in self._wave.values())
+            expected = sum(s.blocks.shape[0] for s in self._wave.values())
             if not self._wave:
                 raise ReconcileError("answers arrived but no question is open")
             if answers.dtype != np.uint8 or answers.shape != (expected,):

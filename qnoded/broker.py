@@ -5,6 +5,12 @@ listener on a free port, anonymous, no persistence) into a temp dir, runs
 ``mosquitto -c FILE`` and waits until the port accepts TCP connections.  Use it
 as a context manager (sync or async) or with ``start()``/``stop()`` from a
 pytest fixture; ``kill()`` and ``restart()`` (same port) inject outages.
+
+``MosquittoBroker(tls=TlsFiles(ca, cert, key))`` runs the *production*
+config instead (``qnoded/data/mosquitto-prod.conf``: mutual TLS, certificate
+CN as username, ``qnoded/data/mosquitto-acl.conf`` or ``acl_file=``), with
+its paths pointed at the given files, so tests exercise the file that is
+deployed.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -66,6 +75,68 @@ def render_config(host: str, port: int, workdir: Path, *, as_root: bool) -> str:
     return text
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The broker's side of mutual TLS (PEM paths).
+
+    ``ca`` signs the client certificates the broker accepts; ``cert`` and
+    ``key`` are the broker's own (SAN covering the address clients dial).
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def set_directives(text: str, values: Mapping[str, str]) -> str:
+    """``text`` (a Mosquitto config) with the value of each directive in ``values`` replaced.
+
+    Each directive must occur exactly once as an active line, so a template
+    edited out of shape fails loudly instead of starting with production paths.
+    """
+    seen = dict.fromkeys(values, 0)
+    lines = []
+    for line in text.splitlines():
+        key = line.split(maxsplit=1)[0] if line.strip() else ""
+        if key in values:
+            seen[key] += 1
+            lines.append(f"{key} {values[key]}")
+        else:
+            lines.append(line)
+    wrong = {key: n for key, n in seen.items() if n != 1}
+    if wrong:
+        raise BrokerError(f"config template: directives not found exactly once: {wrong}")
+    return "\n".join(lines) + "\n"
+
+
+def render_prod_config(
+    host: str, port: int, workdir: Path, *, tls: TlsFiles, acl_file: Path, as_root: bool
+) -> str:
+    """The production config (``mosquitto-prod.conf``) pointed at test files.
+
+    Only the host-specific lines change: listener, TLS files, ACL and the log
+    file (``workdir/mosquitto.log``, where the dev broker's stdout goes).
+    """
+    template = resources.files("qnoded").joinpath("data/mosquitto-prod.conf").read_text("utf-8")
+    text = set_directives(
+        template,
+        {
+            "listener": f"{port} {host}",
+            "cafile": str(tls.ca.resolve()),
+            "certfile": str(tls.cert.resolve()),
+            "keyfile": str(tls.key.resolve()),
+            "acl_file": str(acl_file.resolve()),
+            # The file the dev broker's stdout goes to (both append).  Not
+            # stdout itself: Mosquitto block-buffers a redirected stdout, but
+            # flushes its log file each line, which reload() relies on.
+            "log_dest": f"file {workdir.resolve() / 'mosquitto.log'}",
+        },
+    )
+    if as_root:
+        text += "# Running as root: keep root rather than drop to `mosquitto`.\nuser root\n"
+    return text
+
+
 def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> float:
     """SIGTERM a child, SIGKILL it after ``timeout_s``; returns how long it took."""
     t0 = time.monotonic()
@@ -84,11 +155,27 @@ class MosquittoBroker:
 
     The port is chosen once (free at construction) and kept across
     :meth:`restart`, so clients can reconnect to the same address.
+
+    With ``tls``, the broker runs the production config (mutual TLS, ACL);
+    ``acl_file`` defaults to a copy of the packaged ``mosquitto-acl.conf``.
+    Readiness is then a TLS handshake whose server certificate verifies
+    against ``tls.ca``.
     """
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        *,
+        tls: TlsFiles | None = None,
+        acl_file: Path | None = None,
+    ) -> None:
+        if acl_file is not None and tls is None:
+            raise ValueError("acl_file needs tls: the dev config has no identities to check")
         self.host = host
         self.port = port or free_port(host)
+        self.tls = tls
+        self.acl_file = acl_file
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -108,17 +195,38 @@ class MosquittoBroker:
         except OSError:
             return ""
 
+    @property
+    def workdir(self) -> Path | None:
+        """The temp dir holding the rendered config and the log (kept across :meth:`restart`)."""
+        return self._dir
+
+    @property
+    def log_text(self) -> str:
+        """The last 2,000 characters of the broker's log (``""`` once stopped)."""
+        return self._log_text()
+
+    def _render(self, workdir: Path) -> str:
+        as_root = os.geteuid() == 0
+        if self.tls is None:
+            return render_config(self.host, self.port, workdir, as_root=as_root)
+        acl = self.acl_file
+        if acl is None:
+            acl = workdir / "acl.conf"
+            packaged = resources.files("qnoded").joinpath("data/mosquitto-acl.conf")
+            acl.write_text(packaged.read_text("utf-8"), "utf-8")
+        return render_prod_config(
+            self.host, self.port, workdir, tls=self.tls, acl_file=acl, as_root=as_root
+        )
+
     def start(self) -> None:
-        """Start the broker and wait (10 s) until it answers an MQTT CONNECT."""
+        """Start the broker and wait (10 s) until it answers (CONNACK, or TLS handshake)."""
         if self.running:
             raise BrokerError(f"mosquitto already running on {self.host}:{self.port}")
         binary = find_mosquitto()
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="qnoded-mosquitto-"))
         cfg = self._dir / "mosquitto.conf"
-        cfg.write_text(
-            render_config(self.host, self.port, self._dir, as_root=os.geteuid() == 0), "utf-8"
-        )
+        cfg.write_text(self._render(self._dir), "utf-8")
         with open(self._dir / "mosquitto.log", "ab") as logf:
             # The child keeps its own copy of the descriptor.
             self._proc = subprocess.Popen(
@@ -133,7 +241,7 @@ class MosquittoBroker:
                     f"mosquitto exited with code {code} at start-up "
                     f"({self.host}:{self.port}): {self._log_text().strip()}"
                 )
-            if self._answers_mqtt():
+            if self._answers():
                 return
             time.sleep(0.02)
         log = self._log_text().strip()
@@ -142,6 +250,26 @@ class MosquittoBroker:
             f"mosquitto did not listen on {self.host}:{self.port} within "
             f"{START_TIMEOUT_S:.0f} s: {log}"
         )
+
+    def _answers(self) -> bool:
+        return self._answers_mqtt() if self.tls is None else self._answers_tls(self.tls)
+
+    def _answers_tls(self, tls: TlsFiles) -> bool:
+        # Without a client certificate no MQTT CONNECT gets through, but a
+        # completed TLS 1.3 handshake is proof enough: the client side
+        # finishes once the server's certificate verifies against our CA
+        # (the broker's refusal of the missing client certificate comes
+        # after), and no other program holds a certificate from this CA.
+        ctx = ssl.create_default_context(cafile=str(tls.ca))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        try:
+            with (
+                socket.create_connection((self.host, self.port), timeout=0.5) as raw,
+                ctx.wrap_socket(raw, server_hostname=self.host),
+            ):
+                return True
+        except OSError:  # refused, reset, or ssl.SSLError (a subclass)
+            return False
 
     def _answers_mqtt(self) -> bool:
         # An accepted TCP connection is not enough: another program may hold
@@ -176,6 +304,24 @@ class MosquittoBroker:
             self._proc.kill()
             self._proc.wait()
             self._proc = None
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its ACL (and its other reloadable options).
+
+        Returns once the broker has logged "Reloading config." (10 s at most):
+        it reloads within that main-loop pass, so every packet it handles
+        afterwards, including those of connected clients, meets the new rules.
+        """
+        if self._proc is None or self._proc.poll() is not None or self._dir is None:
+            raise BrokerError("mosquitto is not running: nothing to reload")
+        log = self._dir / "mosquitto.log"
+        before = log.read_bytes().count(b"Reloading config.")
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while log.read_bytes().count(b"Reloading config.") == before:
+            if time.monotonic() > deadline or self._proc.poll() is not None:
+                raise BrokerError(f"mosquitto did not reload: {self._log_text().strip()}")
+            time.sleep(0.01)
 
     def restart(self) -> None:
         """Stop (SIGTERM) and start again on the same port."""

@@ -1,4 +1,4 @@
-"""The ``qnoded`` command: run, check-config, drivers, demo.
+"""The ``qnoded`` command: run, check-config, drivers, demo, plan.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.
 """
@@ -10,10 +10,12 @@ import asyncio
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 
 from qnoded import __version__
+from qnoded.auth import AuthError
 from qnoded.config import ConfigError, load_config
 from qnoded.devices import DeviceManager
 from qnoded.logs import configure_logging
@@ -37,10 +39,19 @@ def _parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check-config", help="validate a node config and exit")
     chk.add_argument("file")
     sub.add_parser("drivers", help="list installed drivers and where they come from")
+    psk = sub.add_parser("psk", help="pre-shared key for authenticating the peer channel")
+    psk_sub = psk.add_subparsers(dest="psk_command", required=True)
+    gen = psk_sub.add_parser("generate", help="write a new random PSK file (mode 0600)")
+    gen.add_argument("file")
+    gen.add_argument("--bytes", type=int, default=1 << 20, help="size (default 1 MiB)")
     demo = sub.add_parser("demo", help="two simulated nodes making key over MQTT")
     from qnoded.demo import add_arguments
 
     add_arguments(demo)
+    plan = sub.add_parser("plan", help="expected key rate versus distance for given hardware")
+    from qnoded.plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(plan)
     return p
 
 
@@ -63,6 +74,27 @@ async def _run(config_path: str) -> int:
     return 0
 
 
+def _psk_generate(file: str, nbytes: int) -> int:
+    from qnoded.auth import AuthError, write_psk
+
+    try:
+        write_psk(Path(file), nbytes)
+    except AuthError as exc:
+        print(f"qnoded: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    # The bytes stay in the file: never on the terminal.
+    print(
+        f"wrote {nbytes} random bytes to {file} (mode 0600).\n"
+        "Install the SAME file at both nodes, over a channel you trust (not the peer link),\n"
+        "owned by the qnoded user, mode 0600, e.g. as /etc/qnoded/psk, then either\n"
+        '  - set [auth] psk_file = "/etc/qnoded/psk" in each node\'s config, or\n'
+        "  - add LoadCredential=qnoded-psk:/etc/qnoded/psk to the qnoded service.\n"
+        "Each node imports it into <state dir>/auth.db on first start; keep the file\n"
+        "unchanged afterwards, and never copy or restore an auth.db between nodes."
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     fmt = {"auto": None, "json": True, "console": False}[args.log_format]
@@ -81,17 +113,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, info in discover().items():
                 print(f"{name:16} {info.kind!s:12} {info.target}  (from {info.distribution})")
             return 0
+        if args.command == "psk":
+            return _psk_generate(args.file, args.bytes)
         if args.command == "run":
             return asyncio.run(_run(args.config))
         if args.command == "demo":
             from qnoded.demo import run_demo
 
             return run_demo(args)
+        if args.command == "plan":
+            from qnoded.plan import run_plan
+
+            return run_plan(args)
     except ConfigError as exc:
         print(f"qnoded: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except RegistryError as exc:
         print(f"qnoded: driver registry error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AuthError as exc:
+        # No pre-shared key, or the wrong one: nothing may start (fail closed).
+        print(f"qnoded: authentication key error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 0

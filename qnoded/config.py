@@ -63,6 +63,8 @@ class MqttSection:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # Deliver keys on qkd/v1/<node>/keys/<peer> (QoS 1, never retained).
+    publish_keys: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,18 +85,54 @@ class TimingSection:
 
 @dataclass(frozen=True, slots=True)
 class SiftingSection:
-    qber_sample_fraction: float = 0.1
     qber_alarm_threshold: float = 0.11
     max_batches_in_flight: int = 64
 
 
 @dataclass(frozen=True, slots=True)
+class PostprocessingSection:
+    """From sifted bits to secret key, one block at a time."""
+
+    # Z-basis sifted bits per block (all intensity classes): Lim's n_Z.
+    block_bits: int = 1_000_000
+    eps_sec: float = 1e-10
+    eps_cor: float = 1e-15
+    # Keys are cut from a block's secret bits in this size and stored under UUIDs.
+    key_size_bits: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSection:
+    """Wegman-Carter authentication of the classical channel.
+
+    The pre-shared secret is never in the config text: it is read from
+    ``psk_file`` or, under systemd, from ``$CREDENTIALS_DIRECTORY/<psk_credential>``
+    (``LoadCredential=``).
+    """
+
+    psk_file: str = ""
+    psk_credential: str = "qnoded-psk"
+    # Below this many pool bytes left, key is reserved from the next committed block.
+    reserve_bytes: int = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class Etsi014Section:
+    """ETSI GS QKD 014 key delivery over HTTPS with mutual TLS; off unless ``listen`` is set."""
+
+    listen: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    # CA that signs the SAEs' client certificates; the certificate CN is the SAE ID.
+    ca_file: str = ""
+    # The SAE attached to this node, and the one attached to the peer node.
+    local_sae: str = ""
+    remote_sae: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class StateSection:
     directory: str = "/var/lib/qnoded"
-    # Demo and validation only: append sifted bits to a file in the state
-    # directory so two nodes' keys can be compared.  Key material on disk, so off
-    # by default.
-    record_sifted_bits: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +153,9 @@ class NodeConfig:
     timing: TimingSection = field(default_factory=TimingSection)
     sifting: SiftingSection = field(default_factory=SiftingSection)
     state: StateSection = field(default_factory=StateSection)
+    postprocessing: PostprocessingSection = field(default_factory=PostprocessingSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    etsi014: Etsi014Section = field(default_factory=Etsi014Section)
     devices: tuple[DeviceSpec, ...] = ()
     simulation: Mapping[str, Any] | None = None
 
@@ -126,6 +167,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "timing": TimingSection,
     "sifting": SiftingSection,
     "state": StateSection,
+    "postprocessing": PostprocessingSection,
+    "auth": AuthSection,
+    "etsi014": Etsi014Section,
 }
 _FREE_TABLES = ("devices", "simulation")
 
@@ -245,10 +289,25 @@ def parse_config(text: str, source: str = "<config>") -> NodeConfig:  # noqa: PL
             "telemetry is at least 1/min",
         )
     sifting: SiftingSection = sections.get("sifting", SiftingSection())
-    if not 0.0 < sifting.qber_sample_fraction < 1.0:
-        raise ConfigError(source, "[sifting] qber_sample_fraction", "must be in (0, 1)")
     if not 0.0 < sifting.qber_alarm_threshold <= 0.5:
         raise ConfigError(source, "[sifting] qber_alarm_threshold", "must be in (0, 0.5]")
+    _check_postprocessing(source, sections.get("postprocessing", PostprocessingSection()))
+    etsi: Etsi014Section = sections.get("etsi014", Etsi014Section())
+    if etsi.listen:
+        _hostport(source, "[etsi014] listen", etsi.listen)
+        for key in ("cert_file", "key_file", "ca_file", "local_sae", "remote_sae"):
+            if not getattr(etsi, key):
+                raise ConfigError(
+                    source, f"[etsi014] {key}", "is required when listen is set", f"add {key}"
+                )
+        if mqtt.publish_keys:
+            # A key leaves a node once: two delivery paths would split the keys between them.
+            raise ConfigError(
+                source,
+                "[mqtt] publish_keys",
+                "keys are delivered either over MQTT or over ETSI 014, not both",
+                "set publish_keys = false to deliver over ETSI 014",
+            )
     devices = _devices(source, raw.get("devices", {}))
     simulation = raw.get("simulation")
     if simulation is not None and not isinstance(simulation, dict):
@@ -259,6 +318,27 @@ def parse_config(text: str, source: str = "<config>") -> NodeConfig:  # noqa: PL
         simulation=simulation,
         **sections,
     )
+
+
+def _check_postprocessing(source: str, pp: PostprocessingSection) -> None:
+    if not 10_000 <= pp.block_bits <= 100_000_000:
+        raise ConfigError(
+            source,
+            "[postprocessing] block_bits",
+            f"{pp.block_bits} is outside 10000..100000000",
+            "finite-key bounds need blocks of 1e6 bits or more for a useful rate",
+        )
+    for key in ("eps_sec", "eps_cor"):
+        value = getattr(pp, key)
+        if not 0.0 < value < 1e-3:
+            raise ConfigError(source, f"[postprocessing] {key}", f"{value} is not in (0, 1e-3)")
+    if pp.key_size_bits % 8 or not 64 <= pp.key_size_bits <= 8192:
+        raise ConfigError(
+            source,
+            "[postprocessing] key_size_bits",
+            f"{pp.key_size_bits} must be a multiple of 8 in 64..8192",
+            "256 suits AES-256",
+        )
 
 
 def _devices(source: str, table: Any) -> tuple[DeviceSpec, ...]:

@@ -276,6 +276,52 @@ def finite_key_length(
     )
 
 
+def finite_key_length_pairs(
+    n_z: int, n_x: int, m_x: int, leak_ec_bits: int, sec: Security = Security()
+) -> FiniteKeyResult:
+    """Secret key length of one BBM92 (entangled-pair) block.
+
+    Every coincidence counts as a single-photon event (a squashed pair
+    source: no decoys), so Lim's bound reduces to the phase error of the Z key
+    estimated from the X basis with the same sampling deviation gamma, and the
+    same privacy-amplification and correctness terms.
+    """
+    n_z = _count("n_z", n_z)
+    n_x = _count("n_x", n_x)
+    m_x = _count("m_x", m_x)
+    leak = _count("leak_ec_bits", leak_ec_bits)
+    if m_x > n_x:
+        raise EstimationError(f"cannot bound: m_x = {m_x} errors exceed n_x = {n_x} detections")
+    phi_z = PHI_MAX
+    if n_z and n_x:
+        e_x = m_x / n_x
+        if 0.0 < e_x < PHI_MAX:
+            phi_z = min(e_x + _gamma(sec.eps_sec, e_x, n_z, n_x), PHI_MAX)
+        elif e_x == 0.0:
+            # No error seen: bound with one virtual error, never with zero.
+            e1 = 1.0 / n_x
+            phi_z = min(e1 + _gamma(sec.eps_sec, e1, n_z, n_x), PHI_MAX)
+    length = (
+        n_z * (1.0 - h2(phi_z))
+        - leak
+        - LIM_PA_EVENTS * math.log2(LIM_EPS_SPLIT / sec.eps_sec)
+        - math.log2(2.0 / sec.eps_cor)
+    )
+    key_length = (
+        math.floor(length) if n_z and n_x and phi_z < PHI_MAX else min(0, math.floor(length))
+    )
+    return FiniteKeyResult(
+        key_length=key_length,
+        s_z0=0.0,
+        s_z1=float(n_z),
+        s_x1=float(n_x),
+        v_x1=float(m_x),
+        phi_z=phi_z,
+        leak_ec=leak,
+        n_z=n_z,
+    )
+
+
 # ------------------------------------------------------------------- asymptotic (Ma et al. 2005)
 
 
@@ -455,3 +501,48 @@ def rate_vacuum_weak(  # noqa: PLR0917
         return 0.0
     rate = _gllp(q_mu=q_mu, e_mu=e_mu, q1=q1_lower, e1=e1_upper, f_ec=f_ec, q_sift=q_sift)
     return max(rate, 0.0)
+
+
+# ---------------------------------------------------------------- expected blocks (the planner)
+
+
+def mixed_gain_qber(hw: Hardware, inten: Intensities, distance_km: float) -> tuple[float, float]:
+    """(gain, QBER) of Alice's mix of intensity classes: the detection probability per pulse and
+    the error rate of those detections. The model is basis-symmetric, so both hold in Z and X."""
+    gains = [gain(hw, mu, distance_km) for mu in inten.mus]
+    mean_gain = sum(p * g for p, g in zip(inten.ps, gains, strict=True))
+    if mean_gain <= 0.0:
+        return 0.0, E0
+    errors = sum(
+        p * g * qber(hw, mu, distance_km)
+        for mu, p, g in zip(inten.mus, inten.ps, gains, strict=True)
+        if g > 0.0  # qber is undefined without detections, and such a class adds no errors
+    )
+    return mean_gain, errors / mean_gain
+
+
+def expected_block_counts(
+    hw: Hardware, inten: Intensities, distance_km: float, n_pulses: float, p_z: float
+) -> BlockCounts:
+    """The detections ``n_pulses`` pulses yield on average on ``hw`` at ``distance_km``, per class.
+
+    Alice and Bob each choose Z with probability ``p_z``: n_Z counts Z-Z pulses, n_X and its
+    errors m_X count X-X pulses; mismatched bases are sifted out. Rounded to whole counts, so the
+    result goes to ``finite_key_length`` exactly as a measured block would."""
+    _require(
+        math.isfinite(n_pulses) and n_pulses >= 0.0,
+        f"n_pulses must be finite and >= 0, got {n_pulses!r}",
+    )
+    _require(0.0 <= p_z <= 1.0, f"p_z must lie in [0, 1], got {p_z!r}")
+    q_z, q_x = p_z**2, (1.0 - p_z) ** 2
+    n_z: list[int] = []
+    n_x: list[int] = []
+    m_x: list[int] = []
+    for mu, p in zip(inten.mus, inten.ps, strict=True):
+        g = gain(hw, mu, distance_km)
+        n_z.append(round(n_pulses * p * q_z * g))
+        n_x.append(round(n_pulses * p * q_x * g))
+        m_x.append(round(n_x[-1] * qber(hw, mu, distance_km)) if g > 0.0 else 0)
+    return BlockCounts(
+        n_z=(n_z[0], n_z[1], n_z[2]), n_x=(n_x[0], n_x[1], n_x[2]), m_x=(m_x[0], m_x[1], m_x[2])
+    )

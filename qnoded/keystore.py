@@ -236,3 +236,112 @@ class KeyStore:
         """IDs of the deliverable keys (for comparing two nodes' stores)."""
         rows = self._db.execute("SELECT key_id FROM keys WHERE state = 'ready'").fetchall()
         return sorted(uuid.UUID(r[0]) for r in rows)
+
+    def take_exactly(self, count: int) -> list[Key]:
+        """``count`` ready keys, oldest first, marked as being delivered; all of them or none.
+
+        :class:`KeysUnavailableError` (naming how many are ready) when fewer are ready;
+        then nothing changes.  A consumer that asked for n keys gets n or an error,
+        never a partial set it would have to give back.
+        """
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}")
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            rows = cur.execute(
+                "SELECT k.key_id, k.material, k.block_id FROM keys k"
+                " JOIN blocks b ON b.block_id = k.block_id"
+                " WHERE k.state = 'ready' ORDER BY b.created, k.idx LIMIT ?",
+                (count,),
+            ).fetchall()
+            if len(rows) < count:
+                raise KeysUnavailableError(
+                    f"{count} keys asked for, {len(rows)} ready", ready=len(rows)
+                )
+            cur.executemany(
+                "UPDATE keys SET state = 'delivering' WHERE key_id = ?", [(r[0],) for r in rows]
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return [Key(uuid.UUID(r[0]), bytes(r[1]), uuid.UUID(r[2])) for r in rows]
+
+    def take_ids(self, ids: Sequence[uuid.UUID]) -> list[Key]:
+        """Exactly these ready keys, in the order given, marked as being delivered.
+
+        All or nothing: if any ID is unknown, already delivered or being delivered,
+        or still pending (its block not yet committed here), nothing changes and
+        :class:`KeysUnavailableError` names those IDs (``missing`` and ``pending``).
+        """
+        wanted = [str(kid) for kid in ids]
+        if len(set(wanted)) != len(wanted):
+            dupes = sorted({w for w in wanted if wanted.count(w) > 1})
+            raise KeyStoreError(f"key IDs asked for twice: {', '.join(dupes)}")
+        found: dict[str, tuple[bytes, str, str]] = {}
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            # Chunks stay below SQLite's limit on bound variables (999 in old builds).
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                for kid, material, block, state in cur.execute(
+                    f"SELECT key_id, material, block_id, state FROM keys WHERE key_id IN ({marks})",  # noqa: S608 - only placeholders
+                    chunk,
+                ):
+                    found[kid] = (bytes(material), block, state)
+            pending = [uuid.UUID(w) for w in wanted if w in found and found[w][2] == "pending"]
+            missing = [
+                uuid.UUID(w) for w in wanted if w not in found or found[w][2] == "delivering"
+            ]
+            if missing or pending:
+                raise KeysUnavailableError(
+                    _unavailable_message(missing, pending), missing=missing, pending=pending
+                )
+            cur.executemany(
+                "UPDATE keys SET state = 'delivering' WHERE key_id = ?", [(w,) for w in wanted]
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return [Key(uuid.UUID(w), found[w][0], uuid.UUID(found[w][1])) for w in wanted]
+
+
+class KeysUnavailableError(KeyStoreError):
+    """Not every key asked for could be taken, so none was.
+
+    ``missing``: unknown here, already delivered or being delivered (asking again
+    will not help); ``pending``: stored but their block is not committed yet (it
+    may be shortly); ``ready``: how many keys were ready, for a count request.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: Sequence[uuid.UUID] = (),
+        pending: Sequence[uuid.UUID] = (),
+        ready: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.missing = tuple(missing)
+        self.pending = tuple(pending)
+        self.ready = ready
+
+
+def _unavailable_message(missing: Sequence[uuid.UUID], pending: Sequence[uuid.UUID]) -> str:
+    """Name the IDs (the first few of each kind, so a message stays one line)."""
+
+    def some(ids: Sequence[uuid.UUID]) -> str:
+        shown = ", ".join(str(i) for i in ids[:5])
+        return shown + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} not found (unknown or already delivered): {some(missing)}")
+    if pending:
+        parts.append(f"{len(pending)} not committed yet: {some(pending)}")
+    return "; ".join(parts)

@@ -6,6 +6,13 @@ Topics under ``qkd/v1/<node_id>/``:
   of :data:`STATES`; the last will sets a retained ``"offline"``.
 - ``telemetry``: JSON, QoS 0.
 - ``alarms``: JSON ``{"node_id", "severity", "code", "message", "time"}``, QoS 1.
+- ``keys/<peer_id>``: one message per key, QoS 1, never retained: JSON
+  ``{"key_ID", "key" (Base64), "length_bits", "block_id", "node_id", "peer_id"}``.
+  Keys come from the key store (:meth:`TelemetryPublisher.attach_keys`) and
+  are deleted there once the broker has acknowledged them; a key whose
+  publication failed half-way may have reached the broker, so it is destroyed,
+  never sent again (at most once).  Only authorised clients may read the topic
+  (the production broker's ACL, ``qnoded/data/mosquitto-acl.conf``).
 
 :class:`TelemetryPublisher` is an async context manager owning a ``TaskGroup``
 with one named connection loop in aiomqtt 2.x's reconnect pattern: connect,
@@ -22,6 +29,7 @@ demo's live view).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import random
@@ -29,15 +37,21 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import aiomqtt
 import structlog
 
+if TYPE_CHECKING:
+    from qnoded.keystore import KeyStore
+
 log = structlog.get_logger("qnoded.mqtt")
+audit = structlog.get_logger("qnoded.audit")
 
 TELEMETRY_QUEUE = 16
 ALARM_BUFFER = 256
+# Keys taken from the store per round: a failed publication destroys at most these.
+KEY_BATCH = 16
 PUBLISH_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
 BACKOFF_BASE_S = 0.2
@@ -127,6 +141,21 @@ class TelemetryPublisher:
         self.dropped_alarms = 0
         self.published = 0
         self.status_published = asyncio.Event()  # set each time the status reaches the broker
+        self._keys: KeyStore | None = None
+        self._key_peer = ""
+        self.keys_delivered = 0
+        self.keys_destroyed = 0  # taken for delivery, publication not confirmed
+
+    def attach_keys(self, store: KeyStore, peer_id: str) -> None:
+        """Deliver this store's ready keys on ``keys/<peer_id>`` while connected."""
+        self._keys = store
+        self._key_peer = peer_id
+        self.wake()
+
+    def wake(self) -> None:
+        """Something new to publish (keys committed): flush now."""
+        self.idle.clear()
+        self._wake.set()
 
     def _status_doc(self, state: str, detail: str) -> dict[str, Any]:
         return {"node_id": self.node_id, "state": state, "since": time.time(), "detail": detail}
@@ -308,6 +337,43 @@ class TelemetryPublisher:
         while not self._telemetry.empty():
             await self._publish(client, "telemetry", self._telemetry.get_nowait(), qos=0)
             self.published += 1
+        await self._deliver_keys(client)
+
+    async def _deliver_keys(self, client: aiomqtt.Client) -> None:
+        store = self._keys
+        if store is None or self._closing:
+            return
+        leaf = f"keys/{self._key_peer}"
+        while keys := store.take(KEY_BATCH):
+            done: list[Any] = []
+            try:
+                for key in keys:
+                    doc = {
+                        "key_ID": str(key.key_id),
+                        "key": base64.b64encode(key.material).decode(),
+                        "length_bits": key.bits,
+                        "block_id": str(key.block_id),
+                        "node_id": self.node_id,
+                        "peer_id": self._key_peer,
+                    }
+                    await self._publish(client, leaf, json.dumps(doc).encode(), qos=1)
+                    done.append(key.key_id)
+            finally:
+                # Taken keys never go back: what was acknowledged is delivered,
+                # the rest may or may not have reached the broker and is destroyed.
+                store.delivered(k.key_id for k in keys)
+                self.keys_delivered += len(done)
+                lost = len(keys) - len(done)
+                self.keys_destroyed += lost
+                if done:
+                    audit.info(
+                        "key delivered",
+                        interface="mqtt",
+                        consumer=topic(self.node_id, leaf),
+                        key_ids=[str(k) for k in done],
+                    )
+                if lost:
+                    log.warning("keys destroyed: publication not confirmed", keys=lost)
 
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         while True:

@@ -20,6 +20,7 @@ import json
 import os
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
@@ -28,22 +29,18 @@ from typing import Any
 
 import structlog
 
-from qnoded import kernel, peer
+from qnoded import blocks, estimation, kernel, peer
+from qnoded.auth import AuthPool
 from qnoded.config import NodeConfig
 from qnoded.contracts import DeviceKind, IntensityClass, Laser, LaserMode, TagBatch, TimeTagger
 from qnoded.devices import DeviceManager
+from qnoded.etsi014 import Etsi014Server
 from qnoded.ingest import BatchError, BatchValidator
+from qnoded.keystore import KeyStore
 from qnoded.mqtt import MqttSettings, TelemetryPublisher
 from qnoded.notify import Notifier
 from qnoded.registry import DriverInfo
-from qnoded.sifting import (
-    AliceEngine,
-    BobEngine,
-    KeyRecorder,
-    ProtocolError,
-    SiftStats,
-    scalar,
-)
+from qnoded.sifting import AliceEngine, BobEngine, Message, ProtocolError, SiftStats, scalar
 
 log = structlog.get_logger("qnoded.node")
 
@@ -88,6 +85,70 @@ def mqtt_settings(config: NodeConfig) -> MqttSettings:
     )
 
 
+def laser_intensities(laser: Laser) -> estimation.Intensities:
+    """The decoy-state parameters Alice's laser runs with, for the finite-key bound."""
+    mu, p = laser.intensities, laser.class_probabilities
+    c = IntensityClass
+    return estimation.Intensities(
+        mu1=mu[c.SIGNAL], mu2=mu[c.DECOY], mu3=mu[c.VACUUM],
+        p1=p[c.SIGNAL], p2=p[c.DECOY], p3=p[c.VACUUM],
+    )  # fmt: skip
+
+
+class NodeHooks(blocks.BlockHooks):
+    """Block outcomes become alarms, telemetry and wake-ups of key delivery;
+    the authentication pool takes its reserve from committed blocks."""
+
+    def __init__(self, node: Node, pool: AuthPool | None) -> None:
+        self.node = node
+        self.pool = pool
+
+    def auth_wanted_bytes(self) -> int:
+        return self.pool.wanted_bytes() if self.pool is not None else 0
+
+    def auth_stage(self, block_id: uuid.UUID, material: bytes) -> None:
+        if self.pool is not None:
+            self.pool.stage(block_id, material)
+
+    def auth_activate(self, block_id: uuid.UUID) -> None:
+        # Only blocks that reserved key staged any (the pool was full enough).
+        if self.pool is not None and block_id in self.pool.staged():
+            self.pool.activate(block_id)
+
+    def auth_drop(self, block_id: uuid.UUID) -> None:
+        if self.pool is not None:
+            self.pool.drop(block_id)
+
+    def outcome(self, outcome: blocks.BlockOutcome) -> None:
+        node = self.node
+        if outcome.accepted:
+            log.info(
+                "block accepted",
+                block=outcome.block_id,
+                bits=outcome.n,
+                secret_bits=outcome.secret_bits,
+                keys=outcome.keys,
+                qber_z=outcome.qber_z,
+                ec_efficiency=outcome.ec_efficiency,
+            )
+            node.pub.wake()
+            return
+        log.warning("block rejected", block=outcome.block_id, reason=outcome.reason)
+        # A lost link is already its own fault; a rejected block is news of its own.
+        for prefix, code in (
+            ("estimation", "no-secret-key"),
+            ("verification", "verification-failed"),
+            ("peer: estimation", "no-secret-key"),
+            ("peer: verification", "verification-failed"),
+            ("store", "key-store"),
+        ):
+            if outcome.reason.startswith(prefix):
+                node.pub.raise_alarm(
+                    "critical", code, f"block {outcome.block_id} rejected: {outcome.reason}"
+                )
+                break
+
+
 class Node:
     """A running node; build with :func:`run_node`."""
 
@@ -97,6 +158,9 @@ class Node:
         devices: DeviceManager,
         publisher: TelemetryPublisher,
         link: peer.PeerLink,
+        store: KeyStore,
+        *,
+        pool: AuthPool | None = None,
     ) -> None:
         self.cfg = config
         self.devices = devices
@@ -107,9 +171,11 @@ class Node:
         state_dir = Path(config.state.directory)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = state_dir
-        record_path = state_dir / "sifted.bin"
-        record_path.unlink(missing_ok=True)  # a new run's record starts empty
-        recorder = KeyRecorder(str(record_path) if config.state.record_sifted_bits else None)
+        self.store = store
+        self.pool = pool
+        self._auth_failures_seen = 0
+        # Set by run_node when the ETSI 014 API runs: its counters join the telemetry.
+        self.etsi_counters: Callable[[], dict[str, int]] | None = None
         self.laser: Laser | None = None
         self.tagger: TimeTagger | None = None
         if config.node.protocol == "bb84" and self.role == "alice":
@@ -118,10 +184,24 @@ class Node:
             self.tagger = devices.one(DeviceKind.TIME_TAGGER, TimeTagger)
         self.alice: AliceEngine | None = None
         self.bob: BobEngine | None = None
+        self.hooks = NodeHooks(self, pool)
+        self.alice_blocks: blocks.AliceBlocks | None = None
+        self.bob_blocks: blocks.BobBlocks | None = None
+        pp, peer_id = config.postprocessing, config.peer.peer_id
         if self.role == "alice":
-            self.alice = AliceEngine(config, laser=self.laser, recorder=recorder, stats=self.stats)
+            self.alice = AliceEngine(config, laser=self.laser, stats=self.stats)
+            self.alice_blocks = blocks.AliceBlocks(
+                pp,
+                store,
+                peer_id=peer_id,
+                intensities=laser_intensities(self.laser) if self.laser is not None else None,
+                hooks=self.hooks,
+            )
+            self.block_totals = self.alice_blocks.totals
         else:
-            self.bob = BobEngine(config, recorder=recorder, stats=self.stats)
+            self.bob = BobEngine(config, stats=self.stats)
+            self.bob_blocks = blocks.BobBlocks(pp, store, peer_id=peer_id, hooks=self.hooks)
+            self.block_totals = self.bob_blocks.totals
         self.validator = BatchValidator(device=self.tagger.name if self.tagger else "")
         self.state = "starting"
         self._problems: dict[str, str] = {}
@@ -265,10 +345,28 @@ class Node:
         finally:
             self._disclosed_before.update(channel.sent_bytes)
             self._channel = None
+            # A block in flight dies with its session; Bob's pending ones wait for RECOVER.
+            if self.alice_blocks is not None:
+                self.alice_blocks.reset()
+            if self.bob_blocks is not None:
+                self.bob_blocks.reset()
+
+    @staticmethod
+    async def _send_all(channel: peer.PeerChannel, out: blocks.Out) -> None:
+        for msg_type, msg in out:
+            await channel.send(msg_type, peer.encode_arrays(msg))
 
     async def _alice_session(self, channel: peer.PeerChannel) -> None:
-        assert self.alice is not None
+        assert self.alice is not None and self.alice_blocks is not None
         alice = self.alice
+        ab = self.alice_blocks
+        block_handlers: dict[peer.MsgType, Callable[[Message], blocks.Out]] = {
+            peer.MsgType.EC_QUERY: ab.on_query,
+            peer.MsgType.EC_DONE: ab.on_done,
+            peer.MsgType.PREPARED: ab.on_prepared,
+            peer.MsgType.ABORT: ab.on_abort,
+            peer.MsgType.RECOVER: ab.on_recover,
+        }
         # A (re)connected Bob may have restarted his clock: lock afresh.
         alice.unlock()
         await self._set_state("locking", "locking to peer clock")
@@ -297,6 +395,11 @@ class Node:
             elif frame.msg_type == peer.MsgType.QBER_SAMPLE:
                 result = alice.on_sample(msg)
                 await channel.send(peer.MsgType.QBER_RESULT, peer.encode_arrays(result))
+                await self._send_all(channel, ab.maybe_start(alice.sifted))
+            elif frame.msg_type in block_handlers:
+                await self._send_all(channel, block_handlers[frame.msg_type](msg))
+                if not ab.busy:
+                    await self._send_all(channel, ab.maybe_start(alice.sifted))
             elif frame.msg_type == peer.MsgType.BYE:
                 raise PeerGone
             elif frame.msg_type == peer.MsgType.PING:
@@ -325,8 +428,10 @@ class Node:
             await self._set_state("running", "locked")
 
     async def _bob_session(self, channel: peer.PeerChannel) -> None:
-        assert self.bob is not None
+        assert self.bob is not None and self.bob_blocks is not None
         await self._set_state("locking", "waiting for Alice's lock")
+        # Settle blocks a crash or a lost link left pending before any new one starts.
+        await self._send_all(channel, self.bob_blocks.recover_request())
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._bob_send(channel), name="bob-send")
             tg.create_task(self._bob_recv(channel), name="bob-recv")
@@ -344,16 +449,37 @@ class Node:
     async def _bob_send(self, channel: peer.PeerChannel) -> None:
         assert self.bob is not None
         bob = self.bob
-        limit = self.cfg.sifting.max_batches_in_flight
+        bb = self.bob_blocks
+        assert bb is not None
+
+        def room() -> bool:
+            # While a block is in post-processing, new TAGS wait here: every
+            # Cascade round trip would otherwise queue behind the batches
+            # already on their way to Alice, and a block's thousand-odd rounds
+            # would take minutes instead of a second.  The batches wait in the
+            # tagger queue (and the tagger's own buffer), none is lost.
+            if bb.busy:
+                return False
+            return bob.in_flight < self.cfg.sifting.max_batches_in_flight
+
         while True:
             batch = await self._queue.get()
             async with self._reply:
-                await self._reply.wait_for(lambda: bob.in_flight < limit)
+                await self._reply.wait_for(room)
             await channel.send(peer.MsgType.TAGS, peer.encode_arrays(bob.on_batch(batch)))
 
     async def _bob_recv(self, channel: peer.PeerChannel) -> None:
-        assert self.bob is not None
+        assert self.bob is not None and self.bob_blocks is not None
         bob = self.bob
+        bb = self.bob_blocks
+        block_handlers: dict[peer.MsgType, Callable[[Message], blocks.Out]] = {
+            peer.MsgType.BLOCK_START: lambda m: bb.on_start(m, bob.sifted),
+            peer.MsgType.EC_ANSWER: bb.on_answer,
+            peer.MsgType.VERIFY: bb.on_verify,
+            peer.MsgType.COMMIT: bb.on_commit,
+            peer.MsgType.ABORT: bb.on_abort,
+            peer.MsgType.RECOVER_REPLY: bb.on_recover_reply,
+        }
         while True:
             frame = await channel.recv(timeout=self.cfg.peer.timeout_s * 3)
             msg = peer.decode_arrays(frame.payload) if frame.payload else {}
@@ -369,6 +495,11 @@ class Node:
                     await self._set_state("running", "locked")
             elif frame.msg_type == peer.MsgType.QBER_RESULT:
                 bob.on_result(msg)
+            elif frame.msg_type in block_handlers:
+                await self._send_all(channel, block_handlers[frame.msg_type](msg))
+                if not bb.busy:
+                    async with self._reply:
+                        self._reply.notify_all()
             elif frame.msg_type == peer.MsgType.PONG:
                 pass  # keepalive answered
             elif frame.msg_type == peer.MsgType.BYE:
@@ -397,7 +528,7 @@ class Node:
             "batches": s.batches,
             "coincidences": s.coincidences,
             "sifted_bits": s.sifted_bits,
-            "key_bits": s.key_bits,
+            "raw_key_bits": s.raw_key_bits,
             "qber_sample_bits": s.sample_bits,
             "qber_sample_errors": s.sample_errors,
             "qber": s.qber,
@@ -414,13 +545,38 @@ class Node:
             "multi_clicks": s.multi_clicks,
             "mqtt_dropped_telemetry": self.pub.dropped_telemetry,
             "disclosed_bytes": self._disclosed(),
-        }
+        } | self._key_summary()
         if self.laser is not None:
             out["signal_gain"] = s.gain(IntensityClass.SIGNAL)
             out["decoy_gain"] = s.gain(IntensityClass.DECOY)
             out["vacuum_gain"] = s.gain(IntensityClass.VACUUM)
             out["pulses"] = {c.name.lower(): s.pulses[c] for c in IntensityClass}
         return out
+
+    def _key_summary(self) -> dict[str, Any]:
+        t = self.block_totals
+        stored_keys, stored_bits = self.store.ready_count()
+        return {
+            "blocks_accepted": t.accepted,
+            "blocks_rejected": t.rejected,
+            "block_reject_reasons": dict(t.reasons),
+            "secret_bits": t.secret_bits,
+            "secret_keys": t.keys,
+            "ec_leak_bits": t.leak_ec_bits,
+            "ec_efficiency": t.mean_efficiency,
+            "auth_key_bits_reserved": 8 * t.auth_bytes_reserved,
+            "last_block": t.last.public() if t.last is not None else None,
+            "stored_keys": stored_keys,
+            "stored_key_bits": stored_bits,
+            "keys_delivered": self.pub.keys_delivered,
+            "keys_destroyed_undelivered": self.pub.keys_destroyed,
+            # Authentication is paid for with key: what the MAC's pads used up,
+            # what is left, and the secret bits net of the reserve.
+            "auth_key_bits_consumed": 8 * self.pool.consumed_bytes if self.pool else 0,
+            "auth_key_bits_available": 8 * self.pool.available_bytes if self.pool else 0,
+            "auth_failures": dict(self.link.auth_failures),
+            "net_secret_bits": t.secret_bits - 8 * t.auth_bytes_reserved,
+        } | (self.etsi_counters() if self.etsi_counters is not None else {})
 
     def _disclosed(self) -> dict[str, int]:
         """Bytes this node sent its peer, per message type, over the whole run."""
@@ -433,6 +589,7 @@ class Node:
         interval = self.cfg.mqtt.telemetry_interval_s
         prev = asdict(self.stats)
         prev_t = time.monotonic()
+        prev_secret = self.block_totals.secret_bits
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
@@ -440,12 +597,15 @@ class Node:
             dt = max(now - prev_t, 1e-9)
             rates = {
                 f"{k}_per_s": (cur[k] - prev[k]) / dt
-                for k in ("tags", "coincidences", "sifted_bits", "key_bits")
+                for k in ("tags", "coincidences", "sifted_bits", "raw_key_bits")
             }
             d_bits = cur["sample_bits"] - prev["sample_bits"]
             interval_qber = (
                 (cur["sample_errors"] - prev["sample_errors"]) / d_bits if d_bits else None
             )
+            secret = self.block_totals.secret_bits
+            rates["secret_key_bits_per_s"] = (secret - prev_secret) / dt
+            prev_secret = secret
             prev, prev_t = cur, now
             payload = (
                 self.summary()
@@ -460,6 +620,21 @@ class Node:
             )
             self.pub.publish_telemetry(payload)
             await self._check_qber()
+            self._check_auth()
+
+    def _check_auth(self) -> None:
+        """One alarm per telemetry interval in which frames failed authentication."""
+        total = self.link.auth_failures.total()
+        if total > self._auth_failures_seen:
+            new = total - self._auth_failures_seen
+            self._auth_failures_seen = total
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.link.auth_failures.items()))
+            self.pub.raise_alarm(
+                "critical",
+                "authentication-failure",
+                f"{new} peer frame(s) failed authentication (so far: {kinds}); "
+                "their session was dropped, no block from it is kept",
+            )
 
     async def _channel_rates(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -510,6 +685,20 @@ class Node:
         os.replace(tmp, path)
 
 
+def settle_staged(pool: AuthPool, store: KeyStore) -> None:
+    """After a crash: reserved authentication key follows its block's fate.
+
+    Committed here: join the pool.  Unknown here: the block never made it,
+    wipe the reserve.  Pending (Bob): RECOVER with Alice decides later.
+    """
+    for block_id in pool.staged():
+        state = store.block_state(block_id)
+        if state == "ready":
+            pool.activate(block_id)
+        elif state is None:
+            pool.drop(block_id)
+
+
 async def run_node(
     config: NodeConfig,
     registry: dict[str, DriverInfo],
@@ -523,6 +712,13 @@ async def run_node(
     endpoint = p.listen if config.node.role == "alice" else p.connect
     host, _, port = endpoint.rpartition(":")
     async with contextlib.AsyncExitStack() as stack:
+        # Authentication first: without the pre-shared key no classical
+        # message can be trusted, so nothing else starts (fail closed).
+        Path(config.state.directory).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up
+        pool = stack.enter_context(AuthPool.open(config.state.directory, config.auth))
+        store = KeyStore(Path(config.state.directory) / "keys.db")
+        stack.callback(store.close)
+        settle_staged(pool, store)
         pub = await stack.enter_async_context(
             TelemetryPublisher(mqtt_settings(config), config.node.id)
         )
@@ -536,9 +732,20 @@ async def run_node(
                 node_id=config.node.id,
                 peer_id=config.peer.peer_id,
                 protocol=config.node.protocol,
+                authenticator=pool.channel_auth,
             )
         )
-        node = Node(config, devices, pub, link)
+        if store.destroyed_at_start:
+            node_log.warning(
+                "keys destroyed at start: a delivery was interrupted",
+                keys=store.destroyed_at_start,
+            )
+        if config.mqtt.publish_keys:
+            pub.attach_keys(store, config.peer.peer_id)
+        node = Node(config, devices, pub, link, store, pool=pool)
+        if config.etsi014.listen:
+            etsi = await stack.enter_async_context(Etsi014Server.from_config(config, store))
+            node.etsi_counters = etsi.counters.telemetry
         if on_node is not None:
             on_node(node)
         try:

@@ -14,10 +14,17 @@ the ``H`` of ``>4sBBHII``, split in two bytes)::
     16     length   payload  JSON (control) or encode_arrays() (data)
     ...    mac_len  mac      tag over header + payload (see :class:`Authenticator`)
 
-v1 sends no MAC.  Authentication (a Wegman-Carter tag over header and payload,
-which covers ``seq`` and so also stops replays) plugs in through an
-:class:`Authenticator` without changing the header: the reader always knows how
-many trailer bytes to read from ``mac_len``.
+Without an authenticator no MAC is sent (v1).  With one (``qnoded.auth``: a
+Wegman-Carter tag over header, payload and the one-time pad's index, which
+covers ``seq`` and so also stops replays) every frame carries the trailer; the
+header does not change: the reader always knows how many trailer bytes to read
+from ``mac_len``.  :class:`PeerLink` takes a factory and gives each connection
+its own :class:`SessionAuthenticator`.  On an authenticated channel a frame
+that fails authentication (forged, tampered, replayed, reordered, or without
+a MAC) raises :class:`FrameAuthError`, is logged and counted per kind, and closes
+the channel; so does a MAC on a channel without authentication.  The one
+unauthenticated frame accepted there is an ERROR as the very first frame (the
+peer could not authenticate us): it only ends the connection.
 
 A bad magic, version, type, flag, length or sequence number raises
 :class:`FrameError` naming the field; :class:`PeerChannel` then closes the
@@ -46,7 +53,7 @@ import random
 import struct
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, NamedTuple, Protocol, Self
@@ -82,6 +89,32 @@ class PeerClosedError(ConnectionError):
     """The peer closed the connection between two frames (or the channel is closed)."""
 
 
+class AuthUnavailableError(ConnectionError):
+    """This node cannot authenticate what it sends (its key pool is exhausted).
+
+    A ``ConnectionError``: the link treats it as a connection that cannot be
+    made, keeps its tasks alive and says why in ``last_error``.
+    """
+
+
+class FrameAuthError(FrameError):
+    """A frame failed authentication; ``kind`` names how, for counters.
+
+    Kinds: ``mac`` (tag wrong: tampered or forged), ``pad`` (wrong pad index:
+    replayed, reordered or injected), ``seq`` (sequence number, on an
+    authenticated channel), ``stale`` (a first frame below our pad floor:
+    replayed, or the peer's floor is behind), ``missing-mac``,
+    ``unexpected-mac``, ``mac-len``.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+Role = Literal["listen", "connect"]
+
+
 class MsgType(enum.IntEnum):
     """Message types; the values are wire codes: append new ones, never renumber."""
 
@@ -96,10 +129,22 @@ class MsgType(enum.IntEnum):
     PONG = 9
     BYE = 10
     ERROR = 11
+    # Post-processing of one block (Alice leads; see qnoded/blocks.py).
+    BLOCK_START = 12
+    EC_QUERY = 13
+    EC_ANSWER = 14
+    EC_DONE = 15
+    VERIFY = 16
+    PREPARED = 17
+    COMMIT = 18
+    ABORT = 19
+    # After a reconnect Bob asks about blocks he holds pending.
+    RECOVER = 20
+    RECOVER_REPLY = 21
 
 
 class Authenticator(Protocol):
-    """Future frame authentication (e.g. Wegman-Carter); v1 runs without one."""
+    """Frame authentication as :func:`encode_frame`/:func:`decode_frame` use it."""
 
     @property
     def tag_len(self) -> int:
@@ -113,6 +158,36 @@ class Authenticator(Protocol):
     def verify(self, data: bytes, tag: bytes) -> bool:
         """True if ``tag`` authenticates ``data``."""
         ...
+
+
+class SessionAuthenticator(Authenticator, Protocol):
+    """One connection's authentication state (``qnoded.auth.ChannelAuth``).
+
+    :meth:`tag` is called for each frame sent, in order, and may raise
+    :class:`PeerClosedError` (the session is over) or another error (no key
+    left); :meth:`check` for each frame received, in order.
+    """
+
+    def check(self, data: bytes, trailer: bytes) -> None:
+        """Accept ``data`` (header + payload) as the peer's next frame, else raise
+        :class:`FrameAuthError`."""
+        ...
+
+    def hint(self) -> int | None:
+        """After :meth:`check` refused the peer's first frame as ``stale``: the pad floor
+        to announce in an ERROR, which the next :meth:`tag` then covers; else None."""
+        ...
+
+    def raise_floor(self, floor: int) -> None:
+        """The peer's authenticated ERROR said its pad floor is ``floor``: skip to it."""
+        ...
+
+    def close(self) -> None:
+        """The connection is over (idempotent)."""
+        ...
+
+
+AuthenticatorFactory = Callable[[Role], SessionAuthenticator]
 
 
 class Header(NamedTuple):
@@ -188,14 +263,17 @@ def _check_mac(
 ) -> None:
     if authenticator is None:
         if header.mac_len:
-            raise FrameError("MAC present but this channel has no authentication configured")
+            raise FrameAuthError(
+                "unexpected-mac", "MAC present but this channel has no authentication configured"
+            )
         return
     if header.mac_len != authenticator.tag_len:
-        raise FrameError(
-            f"mac_len {header.mac_len}, this channel's authenticator uses {authenticator.tag_len}"
+        raise FrameAuthError(
+            "missing-mac" if not header.mac_len else "mac-len",
+            f"mac_len {header.mac_len}, this channel's authenticator uses {authenticator.tag_len}",
         )
     if not authenticator.verify(data, tag):
-        raise FrameError(f"MAC check failed on {header.msg_type.name} seq {header.seq}")
+        raise FrameAuthError("mac", f"MAC check failed on {header.msg_type.name} seq {header.seq}")
 
 
 def decode_frame(
@@ -331,13 +409,23 @@ def decode_arrays(data: bytes | bytearray | memoryview) -> dict[str, npt.NDArray
     return out
 
 
+def _error_text(payload: bytes) -> str:
+    """An ERROR payload's reason, for logs (at most 200 characters)."""
+    with contextlib.suppress(FrameError):
+        doc = decode_json(payload)
+        if isinstance(doc, dict):
+            return str(doc.get("error", doc))[:200]
+    return payload[:200].decode("utf-8", "replace")
+
+
 # -- one connection --------------------------------------------------------------
 class PeerChannel:
     """One connection: frames with sequence checks, timeouts and disclosure counters.
 
     Counters are keyed by message type name: ``sent_bytes``/``recv_bytes``
-    (whole frames, headers included) and ``sent_frames``/``recv_frames``.
-    A malformed frame or sequence number closes the channel.
+    (whole frames, headers included) and ``sent_frames``/``recv_frames``;
+    ``auth_failures`` by :class:`FrameAuthError` kind (pass a shared Counter to
+    sum over channels).  A malformed frame or sequence number closes the channel.
     """
 
     def __init__(
@@ -345,11 +433,13 @@ class PeerChannel:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         *,
-        authenticator: Authenticator | None = None,
+        authenticator: SessionAuthenticator | None = None,
+        auth_failures: Counter[str] | None = None,
     ) -> None:
         self._r = reader
         self._w = writer
         self._auth = authenticator
+        self.auth_failures: Counter[str] = Counter() if auth_failures is None else auth_failures
         self._send_seq = 0
         self._recv_seq = 0
         self._pending: Header | None = None  # a header whose body a timeout interrupted
@@ -388,7 +478,11 @@ class PeerChannel:
         if self.closed:
             raise PeerClosedError(f"channel to {self.address} is closed")
         async with self._send_lock:
-            frame = encode_frame(msg_type, self._send_seq, payload, authenticator=self._auth)
+            try:
+                frame = encode_frame(msg_type, self._send_seq, payload, authenticator=self._auth)
+            except PeerClosedError:  # the authentication session ended (a newer one runs)
+                await self.close()
+                raise
             self._send_seq = (self._send_seq + 1) & 0xFFFFFFFF
             self._w.write(frame)
             self.sent_bytes[msg_type.name] += len(frame)
@@ -420,7 +514,8 @@ class PeerChannel:
 
         ``TimeoutError`` after ``timeout`` s leaves the channel usable (a
         half-read frame is resumed by the next call).  :class:`FrameError` on
-        a malformed frame and :class:`PeerClosedError` on EOF close the channel.
+        a malformed or unauthentic frame and :class:`PeerClosedError` on EOF
+        close the channel.
         """
         if self.closed:
             raise PeerClosedError(f"channel to {self.address} is closed")
@@ -430,17 +525,16 @@ class PeerChannel:
                     if self._pending is None:
                         head = await self._read(HEADER.size, at_boundary=True)
                         header = decode_header(head)
-                        if header.seq != self._recv_seq:
-                            raise FrameError(
-                                f"sequence number {header.seq}, expected {self._recv_seq}: "
-                                "a frame was replayed, reordered or lost"
-                            )
+                        self._check_seq(header)
                         self._pending = header
                     header = self._pending
                     body = await self._read(header.length + header.mac_len, at_boundary=False)
+                self._pending = None
+                payload = body[: header.length]
+                self._authenticate(header, payload, body[header.length :])
             except (FrameError, PeerClosedError) as exc:
                 if isinstance(exc, FrameError):
-                    log.error("peer frame rejected, closing", peer=self.address, error=str(exc))
+                    await self._rejected(exc)
                 await self.close()
                 raise
             except TimeoutError:
@@ -448,25 +542,70 @@ class PeerChannel:
             except OSError as exc:  # reset, broken pipe: the peer is gone
                 await self.close()
                 raise PeerClosedError(f"connection to {self.address} lost: {exc}") from exc
-            self._pending = None
-            payload = body[: header.length]
-            if header.mac_len or self._auth is not None:
-                head = HEADER.pack(
-                    MAGIC, VERSION, header.msg_type, header.flags, header.mac_len,
-                    header.seq, header.length,
-                )  # fmt: skip
-                try:
-                    _check_mac(header, head + payload, body[header.length :], self._auth)
-                except FrameError as exc:
-                    log.error("peer frame rejected, closing", peer=self.address, error=str(exc))
-                    await self.close()
-                    raise
             self._recv_seq = (self._recv_seq + 1) & 0xFFFFFFFF
             name = header.msg_type.name
             self.recv_bytes[name] += HEADER.size + len(body)
             self.recv_frames[name] += 1
             self.last_received = time.monotonic()
             return Frame(header.msg_type, header.seq, payload, header.flags)
+
+    def _check_seq(self, header: Header) -> None:
+        if header.seq != self._recv_seq:
+            msg = (
+                f"sequence number {header.seq}, expected {self._recv_seq}: "
+                "a frame was replayed, reordered or lost"
+            )
+            # Under authentication the header is not trusted yet: count it as an attack.
+            raise FrameError(msg) if self._auth is None else FrameAuthError("seq", msg)
+
+    def _authenticate(self, header: Header, payload: bytes, trailer: bytes) -> None:
+        if self._auth is None:
+            _check_mac(header, b"", trailer, None)
+            return
+        if not header.mac_len and header.msg_type is MsgType.ERROR and self._recv_seq == 0:
+            # The peer refused us before anything was authenticated (our MAC
+            # failed there, its pool is empty, ...).  Its text is not
+            # authenticated: it ends this connection and nothing else.
+            raise HandshakeError(
+                f"peer rejected the handshake (unauthenticated ERROR): {_error_text(payload)}"
+            )
+        if header.mac_len != self._auth.tag_len:
+            _check_mac(header, b"", trailer, self._auth)  # raises: missing or wrong-size MAC
+        head = HEADER.pack(
+            MAGIC, VERSION, header.msg_type, header.flags, header.mac_len, header.seq, header.length
+        )
+        self._auth.check(head + payload, trailer)
+
+    async def _rejected(self, exc: FrameError) -> None:
+        """Log (and count) a rejected frame; answer a refused first frame with an ERROR."""
+        if not isinstance(exc, FrameAuthError):
+            log.error("peer frame rejected, closing", peer=self.address, error=str(exc))
+            return
+        self.auth_failures[exc.kind] += 1
+        log.error(
+            "peer frame failed authentication, closing",
+            peer=self.address,
+            kind=exc.kind,
+            error=str(exc),
+            auth_failures=self.auth_failures.total(),
+        )
+        if self._auth is None or self._send_seq or self._recv_seq or self.closed:
+            return
+        # The peer's first frame, and we have said nothing yet: tell it why, so
+        # both logs name the problem.  A stale first frame gets our pad floor,
+        # authenticated with a pad of our own, so the peer can skip ahead.
+        with contextlib.suppress(Exception):  # a best-effort courtesy: we close anyway
+            floor = self._auth.hint() if exc.kind == "stale" else None
+            if floor is None:
+                frame = encode_frame(
+                    MsgType.ERROR, 0, encode_json({"error": f"authentication failed: {exc}"})
+                )
+            else:
+                doc = {"error": "authentication pad floor", "auth_floor": floor}
+                frame = encode_frame(MsgType.ERROR, 0, encode_json(doc), authenticator=self._auth)
+            self._w.write(frame)
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._w.drain()
 
     async def goodbye(self, wait_s: float = 1.0) -> None:
         """Orderly end: send BYE, let the peer close first (so nothing it still
@@ -483,6 +622,8 @@ class PeerChannel:
         if self.closed:
             return
         self._closed.set()
+        if self._auth is not None:
+            self._auth.close()
         self._w.close()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
@@ -511,6 +652,10 @@ class PeerLink:
     connection: the next ``connected()`` returns the new channel.  A newer
     good connection replaces the current one (a restarted peer is not kept
     waiting for the old one to time out).
+
+    ``authenticator`` (e.g. ``AuthPool.channel_auth``) is called with the
+    link's role for each connection; without it frames carry no MAC.
+    ``auth_failures`` counts frames that failed authentication, by kind.
     """
 
     def __init__(
@@ -523,14 +668,14 @@ class PeerLink:
         peer_id: str,
         protocol: str,
         timeout_s: float = 10.0,
-        authenticator: Authenticator | None = None,
+        authenticator: AuthenticatorFactory | None = None,
         backoff_cap_s: float = BACKOFF_CAP_S,
     ) -> None:
         if role not in ("listen", "connect"):
             raise ValueError(f"role must be 'listen' or 'connect', got {role!r}")
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-        self.role = role
+        self.role: Role = "listen" if role == "listen" else "connect"
         self.host, self.port = host, port
         self.node_id, self.peer_id, self.protocol = node_id, peer_id, protocol
         self.timeout_s = timeout_s
@@ -544,6 +689,10 @@ class PeerLink:
         self._tasks: set[asyncio.Task[None]] = set()
         self.rejected = 0  # connections that failed the handshake
         self.connects = 0  # channels that passed it
+        # Frames that failed authentication, by FrameAuthError kind, over all channels:
+        # anything but a rare "stale" (a peer restarted after a crash) is an attack or a
+        # misconfiguration (different PSKs) and deserves an alarm.
+        self.auth_failures: Counter[str] = Counter()
         self.last_error = ""
         self._log = log.bind(node=node_id, peer=peer_id, role=role)
 
@@ -590,21 +739,26 @@ class PeerLink:
                 f"peer runs protocol {hello.get('protocol')!r}, this node {self.protocol!r}"
             )
 
-    @staticmethod
-    def _error_text(frame: Frame) -> str:
-        with contextlib.suppress(FrameError):
-            doc = frame.json()
-            if isinstance(doc, dict):
-                return str(doc.get("error", doc))
-        return frame.payload[:200].decode("utf-8", "replace")
-
     async def _expect(self, ch: PeerChannel, kind: MsgType) -> Frame:
         frame = await ch.recv()
         if frame.msg_type is MsgType.ERROR:
-            raise HandshakeError(f"peer rejected the handshake: {self._error_text(frame)}")
+            self._take_floor_hint(ch, frame)
+            raise HandshakeError(f"peer rejected the handshake: {_error_text(frame.payload)}")
         if frame.msg_type is not kind:
             raise HandshakeError(f"expected {kind.name}, got {frame.msg_type.name}")
         return frame
+
+    def _take_floor_hint(self, ch: PeerChannel, frame: Frame) -> None:
+        # recv() returned it, so on an authenticated channel the peer tagged it:
+        # its pad floor is ahead of ours; the next dial starts there.
+        if ch._auth is None:
+            return
+        with contextlib.suppress(FrameError):
+            doc = frame.json()
+            floor = doc.get("auth_floor") if isinstance(doc, dict) else None
+            if isinstance(floor, int) and not isinstance(floor, bool):
+                self._log.warning("peer announced its authentication pad floor", floor=floor)
+                ch._auth.raise_floor(floor)
 
     async def _handshake(self, ch: PeerChannel) -> None:
         async with asyncio.timeout(self.timeout_s):
@@ -645,8 +799,12 @@ class PeerLink:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _channel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> PeerChannel:
+        auth = None if self._auth is None else self._auth(self.role)  # one per connection
+        return PeerChannel(reader, writer, authenticator=auth, auth_failures=self.auth_failures)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ch = PeerChannel(reader, writer, authenticator=self._auth)
+        ch = self._channel(reader, writer)
         try:
             await self._handshake(ch)
         except (FrameError, OSError, TimeoutError) as exc:
@@ -661,7 +819,7 @@ class PeerLink:
     async def _dial(self) -> PeerChannel:
         async with asyncio.timeout(self.timeout_s):
             reader, writer = await asyncio.open_connection(self.host, self.port)
-        ch = PeerChannel(reader, writer, authenticator=self._auth)
+        ch = self._channel(reader, writer)
         try:
             await self._handshake(ch)
         except BaseException:
@@ -676,7 +834,7 @@ class PeerLink:
         while True:
             try:
                 ch = await self._dial()
-            except HandshakeError as exc:
+            except (HandshakeError, AuthUnavailableError) as exc:
                 self.rejected += 1
                 if str(exc) != self.last_error:  # once per distinct misconfiguration
                     self._log.error("peer handshake failed", address=address, error=str(exc))

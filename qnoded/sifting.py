@@ -9,16 +9,18 @@ Flow per Bob batch ``seq`` (Alice leads; every message is public):
    detection's basis (never its bit).
 2. Alice locks the clocks (first batches), then matches detections to her
    pulse slots (BB84) or her own detections (BBM92), keeps those whose bases
-   agree and replies ``SIFT``: indices of kept detections and the random
-   positions she sacrifices to estimate the QBER.
-3. Bob -> Alice ``QBER_SAMPLE``: his bits at those positions.
-4. Alice counts the errors, replies ``QBER_RESULT``; both keep the unsampled
-   bits as the sifted key of that batch.
+   agree and replies ``SIFT``: indices of kept detections and, for decoy BB84,
+   each one's intensity class.
+3. Bob -> Alice ``QBER_SAMPLE``: his bits of every kept X-basis detection.
+   The X basis is the test basis: all of it is disclosed, none of it is key
+   (the phase error of the Z key is bounded from it, Lim et al. 2014).
+4. Alice counts the errors per intensity class and replies ``QBER_RESULT``;
+   both keep the batch's Z-basis bits, with their classes, as raw key
+   (:class:`SiftedBatch`), which :mod:`qnoded.blocks` gathers into blocks.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -75,7 +77,9 @@ class SiftStats:
     batches: int = 0
     coincidences: int = 0
     sifted_bits: int = 0
-    key_bits: int = 0
+    # Z-basis sifted bits (all intensity classes): the raw key blocks are cut from.
+    raw_key_bits: int = 0
+    # X-basis bits of the signal class and their errors: the QBER operators watch.
     sample_bits: int = 0
     sample_errors: int = 0
     multi_clicks: int = 0
@@ -101,59 +105,30 @@ class SiftStats:
         return self.detections[cls] / n if n else None
 
 
-class KeyRecorder:
-    """Appends each batch's sifted key to a file (demo and validation only).
+@dataclass(slots=True)
+class SiftedBatch:
+    """One batch's raw key: Z-basis bits, each with its intensity class.
 
-    Record: int64 seq, int64 number of bits, then the bits packed MSB first.
+    At Alice it also carries the batch's X-basis (test basis) counts per
+    class, ``n_x`` detections and ``m_x`` errors, for the block's estimate.
     """
 
-    def __init__(self, path: str | None) -> None:
-        self._path = path
-
-    def record(self, seq: int, bits: npt.NDArray[np.uint8]) -> None:
-        if self._path is None:
-            return
-        packed = kernel.pack_bits(np.ascontiguousarray(bits, dtype=np.uint8))
-        with open(self._path, "ab") as fh:
-            fh.write(np.array([seq, bits.shape[0]], dtype="<i8").tobytes())
-            fh.write(packed.tobytes())
+    seq: int
+    bits: npt.NDArray[np.uint8]
+    cls: npt.NDArray[np.uint8]
+    n_x: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(3, np.int64))
+    m_x: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(3, np.int64))
 
 
-def read_recorded(path: str) -> dict[int, npt.NDArray[np.uint8]]:
-    """Read a :class:`KeyRecorder` file back: seq -> bits."""
-    out: dict[int, npt.NDArray[np.uint8]] = {}
-    with open(path, "rb") as fh:
-        data = fh.read()
-    pos = 0
-    while pos + 16 <= len(data):
-        seq, n = np.frombuffer(data, dtype="<i8", count=2, offset=pos)
-        pos += 16
-        nbytes = (int(n) + 7) // 8
-        if pos + nbytes > len(data):
-            break  # a record cut by a kill; the bits it had are not key
-        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=pos))
-        out[int(seq)] = bits[: int(n)].astype(np.uint8)
-        pos += nbytes
-    return out
-
-
-def keep_unsampled(
-    stats: SiftStats,
-    recorder: KeyRecorder,
-    seq: int,
-    bits: npt.NDArray[np.uint8],
-    sample_pos: npt.NDArray[np.int64],
-) -> None:
-    """The disclosed sample is spent; the rest of the batch is its sifted key."""
-    key = np.delete(bits, sample_pos)
-    stats.key_bits += int(key.shape[0])
-    recorder.record(seq, key)
+# Decoy BB84 key classes (signal, decoy, vacuum); SYNC pulses are public.
+KEY_CLASSES = 3
 
 
 @dataclass(slots=True)
 class _Pending:
     bits: npt.NDArray[np.uint8]
-    sample_pos: npt.NDArray[np.int64]
+    cls: npt.NDArray[np.uint8]
+    x_basis: npt.NDArray[np.bool_]
 
 
 class AliceEngine:
@@ -164,7 +139,6 @@ class AliceEngine:
         config: NodeConfig,
         *,
         laser: Laser | None = None,
-        recorder: KeyRecorder | None = None,
         stats: SiftStats | None = None,
     ) -> None:
         self.cfg = config
@@ -173,10 +147,10 @@ class AliceEngine:
             raise ValueError("BB84 Alice needs a laser device")
         self.laser = laser
         self.stats = stats or SiftStats()
-        self.recorder = recorder or KeyRecorder(None)
         self.clock: ClockModel | None = None
-        self._rng = np.random.default_rng(secrets.randbits(128))
         self._pending: dict[int, _Pending] = {}
+        # Raw key of batches whose sifting completed, in seq order, until a block takes it.
+        self.sifted: dict[int, SiftedBatch] = {}
         # Lock accumulation: Bob's tags so far, and the Bob-frame span they cover.
         self._lock_t: list[npt.NDArray[np.int64]] = []
         self._lock_span: tuple[int, int] | None = None
@@ -268,6 +242,7 @@ class AliceEngine:
         self._lock_t.clear()
         self._lock_span = None
         self._pending.clear()
+        self.sifted.clear()
 
     # -- per batch ---------------------------------------------------------------
     def skip_reply(self, seq: int) -> Message:
@@ -280,13 +255,12 @@ class AliceEngine:
     @staticmethod
     def locking_reply(seq: int) -> Message:
         """SIFT reply for a batch that went into the clock lock, not into key."""
-        empty = np.empty(0, np.int64)
         return {
             "seq": i64(seq),
             "locked": i64(0),
             "matched": i64(0),
-            "keep": empty,
-            "sample": empty,
+            "keep": np.empty(0, np.int64),
+            "cls": np.empty(0, np.uint8),
         }
 
     def on_tags(self, msg: Mapping[str, npt.NDArray[Any]]) -> Message:
@@ -310,17 +284,15 @@ class AliceEngine:
             return self.locking_reply(seq)
         matched_before = self.stats.coincidences
         if self.protocol == "bb84":
-            keep, bits = self._match_bb84(start_b, stop_b, t_b, basis_b)
+            keep, bits, cls = self._match_bb84(start_b, stop_b, t_b, basis_b)
         else:
             keep, bits = self._match_bbm92(start_b, stop_b, t_b, basis_b)
+            cls = np.zeros(keep.shape[0], np.uint8)  # one class: the pair source
         self.stats.batches += 1
         self.stats.offset_ps = self.clock.offset_ps
         self.stats.drift_ppm = self.clock.drift_ppm
-        sample = np.flatnonzero(
-            self._rng.random(keep.shape[0]) < self.cfg.sifting.qber_sample_fraction
-        ).astype(np.int64)
         self.stats.sifted_bits += int(keep.shape[0])
-        self._pending[seq] = _Pending(bits=bits, sample_pos=sample)
+        self._pending[seq] = _Pending(bits=bits, cls=cls, x_basis=basis_b[keep] == 1)
         while len(self._pending) > 4 * self.cfg.sifting.max_batches_in_flight:
             self._pending.pop(next(iter(self._pending)))
             self.stats.dropped_batches += 1
@@ -330,7 +302,7 @@ class AliceEngine:
             "locked": i64(1),
             "matched": i64(matched),
             "keep": keep,
-            "sample": sample,
+            "cls": cls,
         }
 
     def _match_bb84(
@@ -339,7 +311,7 @@ class AliceEngine:
         stop_b: int,
         t_b: npt.NDArray[np.int64],
         basis_b: npt.NDArray[np.uint8],
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
         assert self.laser is not None and self.clock is not None
         period = self.laser.period_ps
         t_a = self.clock.to_alice(t_b)
@@ -368,11 +340,16 @@ class AliceEngine:
         self.stats.coincidences += int(uniq.shape[0])
         single_mask = n_in_slot == 1
         basis_a = choices.basis[single_mask]
-        keep_mask = (basis_a == basis_b[single]) & (
-            choices.intensity[single_mask] == IntensityClass.SIGNAL
-        )
+        intensity = choices.intensity[single_mask]
+        # Every class but the public sync pattern: decoy and vacuum detections
+        # are what bound the single-photon yield; their Z bits are key as well.
+        keep_mask = (basis_a == basis_b[single]) & (intensity < KEY_CLASSES)
         self.clock.update(float(residual), float(stop_b - start_b), float(a1))
-        return single[keep_mask], choices.bit[single_mask][keep_mask]
+        return (
+            single[keep_mask],
+            choices.bit[single_mask][keep_mask],
+            intensity[keep_mask].astype(np.uint8),
+        )
 
     def _match_bbm92(
         self,
@@ -399,38 +376,39 @@ class AliceEngine:
         return ib[keep_mask], (ch_own[ia][keep_mask] & 1).astype(np.uint8)
 
     def on_sample(self, msg: Mapping[str, npt.NDArray[Any]]) -> Message:
-        """Handle Bob's QBER_SAMPLE; return QBER_RESULT."""
+        """Handle Bob's QBER_SAMPLE (his X-basis bits); return QBER_RESULT."""
         seq = scalar(msg, "seq")
         bob_bits = field_of(msg, "bits", np.uint8)
         pending = self._pending.pop(seq, None)
         if pending is None:
             raise ProtocolError(f"QBER sample for batch {seq}, which is not pending")
-        if bob_bits.shape != pending.sample_pos.shape:
+        x = pending.x_basis
+        n_sample = int(np.count_nonzero(x))
+        if bob_bits.shape != (n_sample,):
             raise ProtocolError(
-                f"batch {seq}: {bob_bits.shape[0]} sample bits, "
-                f"expected {pending.sample_pos.shape[0]}"
+                f"batch {seq}: {bob_bits.shape[0]} X-basis bits, expected {n_sample}"
             )
-        errors = kernel.count_errors(pending.bits[pending.sample_pos], bob_bits)
-        self.stats.sample_bits += int(bob_bits.shape[0])
-        self.stats.sample_errors += errors
-        keep_unsampled(self.stats, self.recorder, seq, pending.bits, pending.sample_pos)
-        return {"seq": i64(seq), "errors": i64(errors), "n": i64(int(bob_bits.shape[0]))}
+        x_cls = pending.cls[x]
+        wrong = pending.bits[x] != bob_bits
+        n_x = np.bincount(x_cls, minlength=KEY_CLASSES)[:KEY_CLASSES].astype(np.int64)
+        m_x = np.bincount(x_cls[wrong], minlength=KEY_CLASSES)[:KEY_CLASSES].astype(np.int64)
+        self.stats.sample_bits += int(n_x[IntensityClass.SIGNAL])
+        self.stats.sample_errors += int(m_x[IntensityClass.SIGNAL])
+        z = ~x
+        batch = SiftedBatch(seq, pending.bits[z], pending.cls[z], n_x=n_x, m_x=m_x)
+        self.stats.raw_key_bits += int(batch.bits.shape[0])
+        self.sifted[seq] = batch
+        return {"seq": i64(seq), "errors": m_x, "n": n_x}
 
 
 class BobEngine:
     """Bob's side: announce detections and bases, follow Alice's sifting."""
 
-    def __init__(
-        self,
-        config: NodeConfig,
-        *,
-        recorder: KeyRecorder | None = None,
-        stats: SiftStats | None = None,
-    ) -> None:
+    def __init__(self, config: NodeConfig, *, stats: SiftStats | None = None) -> None:
         self.cfg = config
         self.stats = stats or SiftStats()
-        self.recorder = recorder or KeyRecorder(None)
         self._pending: dict[int, npt.NDArray[np.uint8]] = {}
+        self.sifted: dict[int, SiftedBatch] = {}
 
     @property
     def in_flight(self) -> int:
@@ -449,13 +427,14 @@ class BobEngine:
         }
 
     def forget(self, *, lost: bool = True) -> int:
-        """Drop batches awaiting replies; returns how many.
+        """Drop batches awaiting replies and unblocked raw key; returns how many batches.
 
         ``lost`` counts them as dropped (the link failed); after an orderly
         goodbye they were simply not finished, and yield no key either way.
         """
         n = len(self._pending)
         self._pending.clear()
+        self.sifted.clear()
         return n if lost else 0
 
     def on_sift(self, msg: Mapping[str, npt.NDArray[Any]]) -> Message | None:
@@ -469,18 +448,31 @@ class BobEngine:
         if not locked:
             return None
         keep = field_of(msg, "keep", np.int64)
-        sample = field_of(msg, "sample", np.int64)
+        cls = field_of(msg, "cls", np.uint8)
+        if cls.shape != keep.shape:
+            raise ProtocolError(
+                f"SIFT for batch {seq}: {cls.shape[0]} classes, {keep.shape[0]} kept"
+            )
         if keep.shape[0] and (keep.min() < 0 or keep.max() >= channels.shape[0]):
             raise ProtocolError(f"SIFT for batch {seq} keeps detections outside the batch")
-        if sample.shape[0] and (sample.min() < 0 or sample.max() >= keep.shape[0]):
-            raise ProtocolError(f"SIFT for batch {seq} samples outside the kept bits")
-        bits = (channels[keep] & 1).astype(np.uint8)
+        if cls.shape[0] and int(cls.max()) >= KEY_CLASSES:
+            raise ProtocolError(f"SIFT for batch {seq}: intensity class out of range")
+        kept = channels[keep]
+        bits = (kept & 1).astype(np.uint8)
+        x = (kept >> 1) == 1
         self.stats.batches += 1
         self.stats.coincidences += scalar(msg, "matched")
         self.stats.sifted_bits += int(keep.shape[0])
-        keep_unsampled(self.stats, self.recorder, seq, bits, sample)
-        return {"seq": i64(seq), "bits": np.ascontiguousarray(bits[sample])}
+        z = ~x
+        batch = SiftedBatch(seq, bits[z], cls[z])
+        self.stats.raw_key_bits += int(batch.bits.shape[0])
+        self.sifted[seq] = batch
+        return {"seq": i64(seq), "bits": np.ascontiguousarray(bits[x])}
 
     def on_result(self, msg: Mapping[str, npt.NDArray[Any]]) -> None:
-        self.stats.sample_errors += scalar(msg, "errors")
-        self.stats.sample_bits += scalar(msg, "n")
+        errors = field_of(msg, "errors", np.int64)
+        n = field_of(msg, "n", np.int64)
+        if errors.shape != (KEY_CLASSES,) or n.shape != (KEY_CLASSES,):
+            raise ProtocolError("QBER_RESULT must carry one error and one count per class")
+        self.stats.sample_errors += int(errors[IntensityClass.SIGNAL])
+        self.stats.sample_bits += int(n[IntensityClass.SIGNAL])

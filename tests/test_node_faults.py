@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from qnoded.broker import free_port
-from qnoded.demo import link_parameters, node_config, spawn_node, stop_node
+from qnoded.demo import demo_psk, link_parameters, node_config, spawn_node, stop_node
 from qnoded.mqtt import Subscriber
 
 pytestmark = pytest.mark.slow
@@ -87,6 +87,8 @@ def _args(**kw: Any) -> argparse.Namespace:
         "drift_ppm": 2.0,
         "fast": False,
         "mismatch_seeds": False,
+        "block_bits": 1_000_000,
+        "pulse_rate_hz": 5e7,
     }
     return argparse.Namespace(**(base | kw))
 
@@ -391,6 +393,7 @@ def test_quiet_link_stays_up_and_recording_replays(
                 f'[mqtt]\nbroker = "{mqtt_broker[0]}:{mqtt_broker[1]}"\n'
                 f"telemetry_interval_s = 0.5\n[timing]\ncoincidence_window_ps = 500\n"
                 f'[state]\ndirectory = "{tmp_path / role}"\n'
+                f'[auth]\npsk_file = "{demo_psk(tmp_path)}"\n'
                 f'[devices.tagger]\ndriver = "replay-tagger"\nfile = "{rec}"\n'
             )
             procs.append(spawn_node(cfg, tmp_path / f"{role}.log"))

@@ -78,6 +78,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from qnoded import durable
 from qnoded.amplify import CHUNK_BYTES, P61, poly61
 from qnoded.config import AuthSection
 from qnoded.peer import (
@@ -305,7 +306,7 @@ class AuthPool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._lock(self.path)
         try:
-            self._db = self._connect(self.path)
+            self._db = durable.connect(self.path, SCHEMA)
             try:
                 self._import_or_check(psk, psk_source)
                 self._load()
@@ -351,21 +352,6 @@ class AuthPool:
                 f"{path} is in use by another process: two pools on one file would reuse pads"
             ) from None
         return fd
-
-    @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
-        # The file holds key material: owner-only before SQLite writes to it
-        # (SQLite gives the -wal and -shm files the database file's mode).
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        os.chmod(path, 0o600)
-        db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a raised floor is on disk before the pad it covers is used.
-        db.execute("PRAGMA synchronous=FULL")
-        # Freed pages are zeroed, so wiped pads and staged blocks do not linger.
-        db.execute("PRAGMA secure_delete=ON")
-        db.executescript(SCHEMA)
-        return db
 
     def _meta(self, key: str) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -439,17 +425,8 @@ class AuthPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _tx(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        cur = self._db.cursor()
-        try:
-            cur.execute("BEGIN IMMEDIATE")
-            for sql, args in statements:
-                cur.execute(sql, args)
-            cur.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                cur.execute("ROLLBACK")
-            raise
+    def _tx(self, statements: Iterable[durable.Statement]) -> None:
+        durable.execute_all(self._db, statements)
 
     # -- accounting -------------------------------------------------------------------
     @property

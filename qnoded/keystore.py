@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from qnoded import durable
+
 BlockState = Literal["pending", "ready"]
 
 SCHEMA = """
@@ -77,16 +79,8 @@ class KeyStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ...
-        # COMMIT), so each block is exactly one transaction.
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk when it returns; the peer is told only then.
-        self._db.execute("PRAGMA synchronous=FULL")
-        # Freed pages are zeroed, so deleted key bytes do not linger in the file.
-        self._db.execute("PRAGMA secure_delete=ON")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        # Each block is exactly one transaction.
+        self._db = durable.connect(self.path, SCHEMA)
         self.destroyed_at_start = self._destroy_interrupted()
 
     def close(self) -> None:
@@ -99,17 +93,8 @@ class KeyStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _tx(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        cur = self._db.cursor()
-        try:
-            cur.execute("BEGIN IMMEDIATE")
-            for sql, args in statements:
-                cur.execute(sql, args)
-            cur.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                cur.execute("ROLLBACK")
-            raise
+    def _tx(self, statements: Iterable[durable.Statement]) -> None:
+        durable.execute_all(self._db, statements)
 
     def _destroy_interrupted(self) -> int:
         n = self._db.execute("SELECT count(*) FROM keys WHERE state = 'delivering'").fetchone()[0]
@@ -206,22 +191,23 @@ class KeyStore:
 
     def take(self, limit: int) -> list[Key]:
         """Up to ``limit`` ready keys, oldest first, marked as being delivered."""
-        cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        return self._take_oldest(limit, exactly=False)
+
+    def _take_oldest(self, count: int, *, exactly: bool) -> list[Key]:
+        with durable.transaction(self._db) as cur:
             rows = cur.execute(
                 "SELECT k.key_id, k.material, k.block_id FROM keys k"
                 " JOIN blocks b ON b.block_id = k.block_id"
                 " WHERE k.state = 'ready' ORDER BY b.created, k.idx LIMIT ?",
-                (limit,),
+                (count,),
             ).fetchall()
+            if exactly and len(rows) < count:
+                raise KeysUnavailableError(
+                    f"{count} keys asked for, {len(rows)} ready", ready=len(rows)
+                )
             cur.executemany(
                 "UPDATE keys SET state = 'delivering' WHERE key_id = ?", [(r[0],) for r in rows]
             )
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
         return [Key(uuid.UUID(r[0]), bytes(r[1]), uuid.UUID(r[2])) for r in rows]
 
     def delivered(self, keys: Iterable[uuid.UUID]) -> None:
@@ -246,27 +232,7 @@ class KeyStore:
         """
         if count < 1:
             raise ValueError(f"count must be at least 1, got {count}")
-        cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            rows = cur.execute(
-                "SELECT k.key_id, k.material, k.block_id FROM keys k"
-                " JOIN blocks b ON b.block_id = k.block_id"
-                " WHERE k.state = 'ready' ORDER BY b.created, k.idx LIMIT ?",
-                (count,),
-            ).fetchall()
-            if len(rows) < count:
-                raise KeysUnavailableError(
-                    f"{count} keys asked for, {len(rows)} ready", ready=len(rows)
-                )
-            cur.executemany(
-                "UPDATE keys SET state = 'delivering' WHERE key_id = ?", [(r[0],) for r in rows]
-            )
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-        return [Key(uuid.UUID(r[0]), bytes(r[1]), uuid.UUID(r[2])) for r in rows]
+        return self._take_oldest(count, exactly=True)
 
     def take_ids(self, ids: Sequence[uuid.UUID]) -> list[Key]:
         """Exactly these ready keys, in the order given, marked as being delivered.
@@ -280,9 +246,7 @@ class KeyStore:
             dupes = sorted({w for w in wanted if wanted.count(w) > 1})
             raise KeyStoreError(f"key IDs asked for twice: {', '.join(dupes)}")
         found: dict[str, tuple[bytes, str, str]] = {}
-        cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        with durable.transaction(self._db) as cur:
             # Chunks stay below SQLite's limit on bound variables (999 in old builds).
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
@@ -303,10 +267,6 @@ class KeyStore:
             cur.executemany(
                 "UPDATE keys SET state = 'delivering' WHERE key_id = ?", [(w,) for w in wanted]
             )
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
         return [Key(uuid.UUID(w), found[w][0], uuid.UUID(found[w][1])) for w in wanted]
 
 

@@ -399,18 +399,14 @@ def rate_infinite_decoy(hw: Hardware, mu: float, distance_km: float) -> float:
 RateFn = Callable[[Hardware, float, float], float]
 
 
-def _maximise(f: Callable[[float], float]) -> tuple[float, float]:
-    """(argmax, max) of f on (0, MU_SEARCH_MAX]: grid for the bracket, golden section inside."""
-    step = MU_SEARCH_MAX / MU_GRID_POINTS
-    grid = [step * i for i in range(1, MU_GRID_POINTS + 1)]
-    values = [f(mu) for mu in grid]
-    best = max(range(len(grid)), key=values.__getitem__)
-    lo = grid[best - 1] if best > 0 else grid[0] / 2.0
-    hi = grid[best + 1] if best + 1 < len(grid) else grid[best]
+def golden_section_max(
+    f: Callable[[float], float], lo: float, hi: float, tolerance: float
+) -> tuple[float, float]:
+    """(argmax, max) of f on [lo, hi] by golden section, to ``tolerance`` (f unimodal there)."""
     a = hi - GOLDEN * (hi - lo)
     b = lo + GOLDEN * (hi - lo)
     fa, fb = f(a), f(b)
-    while hi - lo > MU_TOLERANCE:
+    while hi - lo > tolerance:
         if fa >= fb:
             hi, b, fb = b, a, fa
             a = hi - GOLDEN * (hi - lo)
@@ -419,8 +415,19 @@ def _maximise(f: Callable[[float], float]) -> tuple[float, float]:
             lo, a, fa = a, b, fb
             b = lo + GOLDEN * (hi - lo)
             fb = f(b)
+    return (a, fa) if fa >= fb else (b, fb)
+
+
+def _maximise(f: Callable[[float], float]) -> tuple[float, float]:
+    """(argmax, max) of f on (0, MU_SEARCH_MAX]: grid for the bracket, golden section inside."""
+    step = MU_SEARCH_MAX / MU_GRID_POINTS
+    grid = [step * i for i in range(1, MU_GRID_POINTS + 1)]
+    values = [f(mu) for mu in grid]
+    best = max(range(len(grid)), key=values.__getitem__)
+    lo = grid[best - 1] if best > 0 else grid[0] / 2.0
+    hi = grid[best + 1] if best + 1 < len(grid) else grid[best]
+    mu_best, f_best = golden_section_max(f, lo, hi, MU_TOLERANCE)
     # Golden section can only improve on the grid if f is unimodal there; keep the grid if not.
-    mu_best, f_best = (a, fa) if fa >= fb else (b, fb)
     if values[best] > f_best:
         return grid[best], values[best]
     return mu_best, f_best

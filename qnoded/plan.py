@@ -46,13 +46,13 @@ from qnoded.estimation import (
     DISTANCE_FIRST_PROBE_KM,
     DISTANCE_SEARCH_CAP_KM,
     DISTANCE_TOLERANCE_KM,
-    GOLDEN,
     MU_SEARCH_MAX,
     Hardware,
     Intensities,
     Security,
     expected_block_counts,
     finite_key_length,
+    golden_section_max,
     h2,
     max_distance,
     mixed_gain_qber,
@@ -226,22 +226,6 @@ def _per_pulse(key: FiniteKey) -> float:
     return key.secret_bits / key.pulses_per_block
 
 
-def _golden_max(f: Callable[[float], float], lo: float, hi: float) -> float:
-    """argmax of f on [lo, hi] by golden section (f unimodal there)."""
-    a, b = hi - GOLDEN * (hi - lo), lo + GOLDEN * (hi - lo)
-    fa, fb = f(a), f(b)
-    while hi - lo > FINITE_MU_TOLERANCE:
-        if fa >= fb:
-            hi, b, fb = b, a, fa
-            a = hi - GOLDEN * (hi - lo)
-            fa = f(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + GOLDEN * (hi - lo)
-            fb = f(b)
-    return a if fa >= fb else b
-
-
 def best_finite(link: Link, distance_km: float, block_bits: int) -> FiniteKey:
     """The finite key at the best signal intensity (or the fixed one), clipped at no key."""
     if link.mu_signal is not None:
@@ -258,10 +242,11 @@ def best_finite(link: Link, distance_km: float, block_bits: int) -> FiniteKey:
         ]
         k = max(range(len(grid)), key=lambda i: _per_pulse(grid[i]))
         best = grid[k]
-        mu = _golden_max(
+        mu, _ = golden_section_max(
             lambda m: _per_pulse(_raw_finite(link, distance_km, block_bits, m)),
             lo + step * max(k, 0.5),  # the bracket's lower end must stay above lo
             lo + step * min(k + 2, FINITE_MU_GRID_POINTS),
+            FINITE_MU_TOLERANCE,
         )
         polished = _raw_finite(link, distance_km, block_bits, mu)
         if _per_pulse(polished) > _per_pulse(best):

@@ -39,7 +39,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -59,10 +59,14 @@ U8 = npt.NDArray[np.uint8]
 
 # Below this QBER the Cascade plan is the same; above MAX no key survives anyway.
 PLAN_MIN_QBER = reconcile.MIN_QBER
-# Cascade gives up beyond these (a block at the 11 % alarm threshold corrects
-# 0.11 n bits in a few thousand rounds).
-MAX_CORRECTED_FRACTION = 0.25
+# Cascade gives up beyond these: more rounds, or more corrections than twice
+# the block's X-basis QBER (plus 1 % and a few) predicts.
 MAX_EC_ROUNDS = 20_000
+
+
+def max_corrections(n: int, qber_x: float) -> int:
+    """The corrections beyond which a block's Cascade is not converging."""
+    return int(n * min(reconcile.MAX_QBER, 2 * qber_x + 0.01)) + 100
 
 
 class BlockError(ProtocolError):
@@ -200,6 +204,14 @@ def leak_of(ec_bits: int, n: int, verify_points: int) -> int:
     return ec_bits + math.ceil(math.log2(n + 1)) + amplify.tag_bits(verify_points)
 
 
+class _InFlight(Protocol):
+    @property
+    def block_id(self) -> uuid.UUID: ...
+
+
+B = TypeVar("B", bound=_InFlight)
+
+
 @dataclass(slots=True)
 class _AliceBlock:
     block_id: uuid.UUID
@@ -215,7 +227,36 @@ class _AliceBlock:
     outcome: BlockOutcome | None = None
 
 
-class AliceBlocks:
+class _Engine(Generic[B]):
+    """What both ends share: the store, the peer, the hooks, the block in flight."""
+
+    def __init__(
+        self,
+        pp: PostprocessingSection,
+        store: KeyStore,
+        *,
+        peer_id: str,
+        hooks: BlockHooks | None = None,
+    ) -> None:
+        self.pp = pp
+        self.store = store
+        self.peer_id = peer_id
+        self.hooks = hooks or BlockHooks()
+        self.totals = BlockTotals()
+        self._block: B | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._block is not None
+
+    def _current(self, msg: Mapping[str, npt.NDArray[Any]]) -> B:
+        bid = _block_id(msg)
+        if self._block is None or self._block.block_id != bid:
+            raise BlockError(f"message for block {bid}, which is not in flight")
+        return self._block
+
+
+class AliceBlocks(_Engine[_AliceBlock]):
     """Alice: forms blocks, answers Cascade, estimates, hashes; commits first."""
 
     def __init__(
@@ -227,18 +268,9 @@ class AliceBlocks:
         intensities: estimation.Intensities | None,
         hooks: BlockHooks | None = None,
     ) -> None:
-        self.pp = pp
-        self.store = store
-        self.peer_id = peer_id
+        super().__init__(pp, store, peer_id=peer_id, hooks=hooks)
         self.intensities = intensities  # None: BBM92 (no decoys)
         self.sec = estimation.Security(eps_sec=pp.eps_sec, eps_cor=pp.eps_cor)
-        self.hooks = hooks or BlockHooks()
-        self.totals = BlockTotals()
-        self._block: _AliceBlock | None = None
-
-    @property
-    def busy(self) -> bool:
-        return self._block is not None
 
     def reset(self) -> None:
         """The session ended: the block in flight is abandoned (nothing was stored)."""
@@ -261,7 +293,7 @@ class AliceBlocks:
 
     def _abort(self, blk: _AliceBlock, reason: str) -> Out:
         self._end(blk, reason)
-        return [(MsgType.ABORT, {"block_id": _id_array(blk.block_id), "reason": _text(reason)})]
+        return abort_message(blk.block_id, reason)
 
     # -- start -----------------------------------------------------------------
     def maybe_start(self, sifted: dict[int, SiftedBatch]) -> Out:
@@ -330,12 +362,6 @@ class AliceBlocks:
             return estimation.finite_key_length(blk.counts, self.intensities, leak, self.sec)
         n_z, n_x, m_x = blk.pair_counts
         return estimation.finite_key_length_pairs(n_z, n_x, m_x, leak, self.sec)
-
-    def _current(self, msg: Mapping[str, npt.NDArray[Any]]) -> _AliceBlock:
-        bid = _block_id(msg)
-        if self._block is None or self._block.block_id != bid:
-            raise BlockError(f"message for block {bid}, which is not in flight")
-        return self._block
 
     # -- messages from Bob -----------------------------------------------------
     def on_query(self, msg: Mapping[str, npt.NDArray[Any]]) -> Out:
@@ -460,27 +486,8 @@ class _BobBlock:
     outcome: BlockOutcome | None = None
 
 
-class BobBlocks:
+class BobBlocks(_Engine[_BobBlock]):
     """Bob: follows Alice's blocks, runs Cascade's searches, stores pending then ready."""
-
-    def __init__(
-        self,
-        pp: PostprocessingSection,
-        store: KeyStore,
-        *,
-        peer_id: str,
-        hooks: BlockHooks | None = None,
-    ) -> None:
-        self.pp = pp
-        self.store = store
-        self.peer_id = peer_id
-        self.hooks = hooks or BlockHooks()
-        self.totals = BlockTotals()
-        self._block: _BobBlock | None = None
-
-    @property
-    def busy(self) -> bool:
-        return self._block is not None
 
     def reset(self) -> None:
         """The session ended.  A block stored pending stays so (RECOVER settles it)."""
@@ -506,13 +513,7 @@ class BobBlocks:
 
     def _abort(self, blk: _BobBlock, reason: str) -> Out:
         self._end(blk, reason, discard=True)
-        return [(MsgType.ABORT, {"block_id": _id_array(blk.block_id), "reason": _text(reason)})]
-
-    def _current(self, msg: Mapping[str, npt.NDArray[Any]]) -> _BobBlock:
-        bid = _block_id(msg)
-        if self._block is None or self._block.block_id != bid:
-            raise BlockError(f"message for block {bid}, which is not in flight")
-        return self._block
+        return abort_message(blk.block_id, reason)
 
     def recover_request(self) -> Out:
         pending = self.store.pending_blocks()
@@ -548,29 +549,17 @@ class BobBlocks:
         qber_x = _float(msg, "qber_x")
         # Batches Alice skipped (hers were dropped) never join a block: let them go.
         last = max(seqs, default=-1)
-        for s in [s for s in sifted if s <= last and s not in set(seqs)]:
+        in_block = set(seqs)
+        for s in [s for s in sifted if s <= last and s not in in_block]:
             del sifted[s]
         missing = [s for s in seqs if s not in sifted]
         if missing:
             for s in seqs:
                 sifted.pop(s, None)
-            return [
-                (
-                    MsgType.ABORT,
-                    {"block_id": _id_array(bid), "reason": _text(f"batches {missing[:5]} missing")},
-                )
-            ]
+            return abort_message(bid, f"batches {missing[:5]} missing")
         bits, _ = gather(sifted, seqs)
         if bits.shape[0] != n:
-            return [
-                (
-                    MsgType.ABORT,
-                    {
-                        "block_id": _id_array(bid),
-                        "reason": _text(f"block has {bits.shape[0]} bits here, {n} at Alice"),
-                    },
-                )
-            ]
+            return abort_message(bid, f"block has {bits.shape[0]} bits here, {n} at Alice")
         if "top" not in msg:
             return []  # Alice aborts right after: no key possible from these counts
         sizes = field_of(msg, "plan_sizes", np.int64).tolist()
@@ -590,27 +579,33 @@ class BobBlocks:
                 pos += k
             if pos != top_all.shape[0]:
                 raise reconcile.ReconcileError("top parities do not match the plan")
-            cascade = reconcile.CascadeBob(bits, plan, tops)
+            cascade = reconcile.CascadeBob(
+                bits, plan, tops, max_corrected=max_corrections(n, qber_x)
+            )
         except (reconcile.ReconcileError, ValueError) as exc:
             raise BlockError(f"block {bid}: {exc}") from exc
         finally:
             bits.fill(0)  # CascadeBob works on its own copy
         blk = _BobBlock(block_id=bid, cascade=cascade, qber_x=qber_x, started=time.monotonic())
         self._block = blk
-        return self._ask(blk, cascade.next_query())
+        return self._next(blk, None)
+
+    def _next(self, blk: _BobBlock, answers: U8 | None) -> Out:
+        """Bob's next question (or EC_DONE); ABORT if the cascade does not converge."""
+        try:
+            query = blk.cascade.next_query(answers)
+        except reconcile.NotConvergingError as exc:
+            return self._abort(blk, f"error correction {exc}")
+        except reconcile.ReconcileError as exc:
+            raise BlockError(f"block {blk.block_id}: {exc}") from exc
+        return self._ask(blk, query)
 
     def _ask(self, blk: _BobBlock, query: reconcile.Query | None) -> Out:
         bid = _id_array(blk.block_id)
         cascade = blk.cascade
-        n = int(cascade.bits.shape[0])
-        # Wrong answers (a bug, or a peer that lies) can make Cascade flip
-        # bits forever; a real block converges far inside these bounds.
-        if cascade.corrected > MAX_CORRECTED_FRACTION * n or cascade.rounds > MAX_EC_ROUNDS:
-            return self._abort(
-                blk,
-                f"error correction did not converge: {cascade.corrected} flips "
-                f"in {cascade.rounds} rounds",
-            )
+        # A real block converges far inside this (about 2,200 rounds at 1e6 bits).
+        if cascade.rounds > MAX_EC_ROUNDS:
+            return self._abort(blk, f"error correction did not converge in {cascade.rounds} rounds")
         if query is None:
             done: Message = {
                 "block_id": bid,
@@ -632,12 +627,7 @@ class BobBlocks:
 
     def on_answer(self, msg: Mapping[str, npt.NDArray[Any]]) -> Out:
         blk = self._current(msg)
-        answers = field_of(msg, "parities", np.uint8)
-        try:
-            query = blk.cascade.next_query(answers)
-        except reconcile.ReconcileError as exc:
-            raise BlockError(f"block {blk.block_id}: {exc}") from exc
-        return self._ask(blk, query)
+        return self._next(blk, field_of(msg, "parities", np.uint8))
 
     def on_verify(self, msg: Mapping[str, npt.NDArray[Any]]) -> Out:
         blk = self._current(msg)
@@ -746,6 +736,11 @@ def _stats(outcome: BlockOutcome) -> dict[str, Any]:
 
 def _triple(a: npt.NDArray[np.int64]) -> tuple[int, int, int]:
     return (int(a[0]), int(a[1]), int(a[2]))
+
+
+def abort_message(block_id: uuid.UUID, reason: str) -> Out:
+    """ABORT for a block, with the reason (public; never key material)."""
+    return [(MsgType.ABORT, {"block_id": _id_array(block_id), "reason": _text(reason)})]
 
 
 def _text(text: str) -> U8:

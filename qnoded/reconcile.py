@@ -54,6 +54,10 @@ class ReconcileError(Exception):
     """A Cascade message does not fit the plan or the state of the exchange."""
 
 
+class NotConvergingError(ReconcileError):
+    """Bob's cascade flipped more bits than the block can hold errors: wrong parities."""
+
+
 @dataclass(frozen=True, slots=True)
 class CascadePlan:
     """What both sides agree on before a block: its length, passes and shuffles."""
@@ -234,8 +238,14 @@ class _Searches:
 class CascadeBob:
     """Bob: corrects his copy by asking for parities until no block is odd."""
 
-    def __init__(self, bits: U8, plan: CascadePlan, alice_top: list[U8]) -> None:
+    def __init__(
+        self, bits: U8, plan: CascadePlan, alice_top: list[U8], *, max_corrected: int | None = None
+    ) -> None:
         self.plan = plan
+        # Wrong parities (a bug, or answers changed on the way) can make the
+        # cascade flip bits forever, even without asking anything: cached
+        # parities let searches end locally.  Past this many flips, give up.
+        self.max_corrected = plan.n if max_corrected is None else max_corrected
         self.bits = _bits("Bob's key", bits, plan.n).copy()
         npass = len(plan.block_sizes)
         if len(alice_top) != npass:
@@ -361,6 +371,11 @@ class CascadeBob:
             "qp_flip",
         )
         self.corrected += int(idx.shape[0])
+        if self.corrected > self.max_corrected:
+            raise NotConvergingError(
+                f"did not converge: {self.corrected} corrections, at most "
+                f"{self.max_corrected} expected"
+            )
 
     def next_query(self, answers: U8 | None = None) -> Query | None:
         """The next question for Alice, given her answers to the last; None when done."""

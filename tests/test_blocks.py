@@ -98,36 +98,29 @@ class Pair:
         stop_before: peer.MsgType | None = None,
     ) -> int:
         """Drive one block to its end; returns how many messages went over."""
-        to_bob = self.alice.maybe_start(a_sifted)
+        bob = {
+            peer.MsgType.BLOCK_START: lambda m: self.bob.on_start(m, b_sifted),
+            peer.MsgType.EC_ANSWER: self.bob.on_answer,
+            peer.MsgType.VERIFY: self.bob.on_verify,
+            peer.MsgType.COMMIT: self.bob.on_commit,
+            peer.MsgType.ABORT: self.bob.on_abort,
+        }
+        alice = {
+            peer.MsgType.EC_QUERY: self.alice.on_query,
+            peer.MsgType.EC_DONE: self.alice.on_done,
+            peer.MsgType.PREPARED: self.alice.on_prepared,
+            peer.MsgType.ABORT: self.alice.on_abort,
+        }
+        outbox, receiver = self.alice.maybe_start(a_sifted), bob
         sent = 0
-        while to_bob:
-            to_alice: blocks.Out = []
-            for kind, msg in to_bob:
+        while outbox:
+            replies: blocks.Out = []
+            for kind, msg in outbox:
                 if kind == stop_before:
                     return sent
-                sent_msg = wire(tamper(kind, msg) if tamper else msg)
                 sent += 1
-                handler = {
-                    peer.MsgType.BLOCK_START: lambda m: self.bob.on_start(m, b_sifted),
-                    peer.MsgType.EC_ANSWER: self.bob.on_answer,
-                    peer.MsgType.VERIFY: self.bob.on_verify,
-                    peer.MsgType.COMMIT: self.bob.on_commit,
-                    peer.MsgType.ABORT: self.bob.on_abort,
-                }[kind]
-                to_alice += handler(sent_msg)
-            to_bob = []
-            for kind, msg in to_alice:
-                if kind == stop_before:
-                    return sent
-                sent_msg = wire(tamper(kind, msg) if tamper else msg)
-                sent += 1
-                handler = {
-                    peer.MsgType.EC_QUERY: self.alice.on_query,
-                    peer.MsgType.EC_DONE: self.alice.on_done,
-                    peer.MsgType.PREPARED: self.alice.on_prepared,
-                    peer.MsgType.ABORT: self.alice.on_abort,
-                }[kind]
-                to_bob += handler(sent_msg)
+                replies += receiver[kind](wire(tamper(kind, msg) if tamper else msg))
+            outbox, receiver = replies, (alice if receiver is bob else bob)
         return sent
 
     def keys(self, store: KeyStore) -> dict[uuid.UUID, bytes]:

@@ -98,3 +98,20 @@ def test_bad_messages_are_named() -> None:
 def test_efficiency_definition() -> None:
     assert reconcile.efficiency(1100, 10_000, 0.01) == pytest.approx(1100 / (10_000 * h2(0.01)))
     assert reconcile.efficiency(0, 100, 0.0) == 1.0
+
+
+def test_wrong_answers_end_in_a_named_error_not_a_loop() -> None:
+    # Every answer inverted: Bob's searches flip correct bits, cached parities
+    # let later searches end without asking, and without a bound the cascade
+    # would run on locally for ever.
+    rng = np.random.default_rng(7)
+    alice = rng.integers(0, 2, 50_000, dtype=np.uint8)
+    bob = alice ^ (rng.random(50_000) < 0.02).astype(np.uint8)
+    plan = CascadePlan.for_qber(50_000, 0.02, seed=3)
+    a = CascadeAlice(alice, plan)
+    b = CascadeBob(bob, plan, a.top_parities(), max_corrected=2_000)
+    with pytest.raises(reconcile.NotConvergingError, match="did not converge"):
+        q = b.next_query()
+        while q is not None:
+            q = b.next_query(a.answer(q) ^ 1)
+    assert b.corrected > 2_000

@@ -9,8 +9,8 @@ import os
 import random
 import struct
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import structlog
 from structlog.testing import capture_logs
+from test_peer import tcp_pair
 
 from qnoded import auth
 from qnoded.amplify import P61
@@ -427,28 +428,11 @@ def test_cli_psk_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 # -- attacks over TCP -----------------------------------------------------------
-@asynccontextmanager
-async def alice_channel(
+def alice_channel(
     pool: AuthPool,
-) -> AsyncIterator[tuple[PeerChannel, asyncio.StreamReader, asyncio.StreamWriter]]:
+) -> AbstractAsyncContextManager[tuple[PeerChannel, asyncio.StreamReader, asyncio.StreamWriter]]:
     """Alice's authenticated PeerChannel and the raw client streams talking to it."""
-    accepted: asyncio.Queue[PeerChannel] = asyncio.Queue()
-
-    def on_client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        accepted.put_nowait(PeerChannel(r, w, authenticator=pool.channel_auth("listen")))
-
-    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    ch = await asyncio.wait_for(accepted.get(), T)
-    try:
-        yield ch, reader, writer
-    finally:
-        await ch.close()
-        writer.close()
-        await writer.wait_closed()
-        server.close()
-        await server.wait_closed()
+    return tcp_pair(lambda: pool.channel_auth("listen"))
 
 
 def _patch_seq(data: bytes, seq: int) -> bytes:

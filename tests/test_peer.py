@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import struct
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,6 +27,7 @@ from qnoded.peer import (
     PeerChannel,
     PeerClosedError,
     PeerLink,
+    SessionAuthenticator,
     decode_arrays,
     decode_frame,
     encode_arrays,
@@ -260,14 +261,18 @@ def test_fuzz_array_decoder_only_frame_errors(data: bytes) -> None:
 
 # -- channels over real TCP ----------------------------------------------------
 @asynccontextmanager
-async def tcp_pair() -> AsyncIterator[
-    tuple[PeerChannel, asyncio.StreamReader, asyncio.StreamWriter]
-]:
-    """A PeerChannel (server side) and the raw client streams talking to it."""
+async def tcp_pair(
+    make_auth: Callable[[], SessionAuthenticator] | None = None,
+) -> AsyncIterator[tuple[PeerChannel, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A PeerChannel (server side) and the raw client streams talking to it.
+
+    ``make_auth`` gives the channel its authenticator when the client connects.
+    """
     accepted: asyncio.Queue[PeerChannel] = asyncio.Queue()
 
     def on_client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        accepted.put_nowait(PeerChannel(r, w))
+        auth = make_auth() if make_auth is not None else None
+        accepted.put_nowait(PeerChannel(r, w, authenticator=auth))
 
     server = await asyncio.start_server(on_client, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

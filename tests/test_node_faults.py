@@ -25,7 +25,14 @@ from typing import Any
 import pytest
 
 from qnoded.broker import free_port
-from qnoded.demo import demo_psk, link_parameters, node_config, spawn_node, stop_node
+from qnoded.demo import (
+    add_arguments,
+    demo_psk,
+    link_parameters,
+    node_config,
+    spawn_node,
+    stop_node,
+)
 from qnoded.mqtt import Subscriber
 
 pytestmark = pytest.mark.slow
@@ -78,17 +85,15 @@ def _plugin(tmp: Path) -> Path:
 
 
 def _args(**kw: Any) -> argparse.Namespace:
-    base = {
+    """The demo's own defaults (so a new demo option needs no change here), then ours."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = vars(parser.parse_args([])) | {
         "protocol": "bbm92",
         "distance_km": 10.0,
-        "eve": 0.0,
         "seed": 3,
         "clock_offset_ps": 250_000_000,
         "drift_ppm": 2.0,
-        "fast": False,
-        "mismatch_seeds": False,
-        "block_bits": 1_000_000,
-        "pulse_rate_hz": 5e7,
     }
     return argparse.Namespace(**(base | kw))
 

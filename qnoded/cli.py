@@ -15,7 +15,6 @@ from pathlib import Path
 import structlog
 
 from qnoded import __version__
-from qnoded.auth import AuthError
 from qnoded.config import ConfigError, load_config
 from qnoded.devices import DeviceManager
 from qnoded.logs import configure_logging
@@ -56,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(config_path: str) -> int:
+    # Imported here, not at the top: `check-config` and `drivers` stay fast.
+    from qnoded.auth import AuthError
     from qnoded.node import run_node
 
     config = load_config(config_path)
@@ -68,6 +69,10 @@ async def _run(config_path: str) -> int:
         loop.add_signal_handler(sig, task.cancel)
     try:
         await run_node(config, registry)
+    except AuthError as exc:
+        # No pre-shared key, or the wrong one: nothing may start (fail closed).
+        print(f"qnoded: authentication key error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except asyncio.CancelledError:
         structlog.get_logger("qnoded").info("stopped by signal")
         return 0
@@ -130,10 +135,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except RegistryError as exc:
         print(f"qnoded: driver registry error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except AuthError as exc:
-        # No pre-shared key, or the wrong one: nothing may start (fail closed).
-        print(f"qnoded: authentication key error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 0

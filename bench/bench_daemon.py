@@ -23,7 +23,7 @@ import numpy as np
 from bench_pipeline import make_streams
 
 from qnoded.broker import MosquittoBroker, free_port
-from qnoded.demo import spawn_node, stop_node
+from qnoded.demo import demo_psk, spawn_node, stop_node
 from qnoded.mqtt import Subscriber
 
 
@@ -46,6 +46,8 @@ coincidence_window_ps = 500
 max_batches_in_flight = 32
 [state]
 directory = "{state / role}"
+[auth]
+psk_file = "{demo_psk(state)}"
 [devices.tagger]
 driver = "replay-tagger"
 file = "{recording}"

@@ -1,10 +1,13 @@
-"""Shared fixtures: a real Mosquitto broker started with the project's own config."""
+"""Shared fixtures: a real Mosquitto broker started with the project's own config, and
+the logging set-up restored after a test that runs ``cli.main`` in-process."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from qnoded.broker import MosquittoBroker
 
@@ -22,3 +25,15 @@ def fresh_broker() -> Iterator[MosquittoBroker]:
     or ``restart()`` it."""
     with MosquittoBroker() as broker:
         yield broker
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """cli.main configures logging for the process (onto capsys' stream); undo it after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    config = structlog.get_config()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**config)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import os
 import random
@@ -16,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import structlog
 from structlog.testing import capture_logs
-from test_peer import tcp_pair
+from test_peer import make_link as peer_link
+from test_peer import ping_pong, tcp_pair
 
 from qnoded import auth
 from qnoded.amplify import P61
@@ -401,19 +400,7 @@ def test_psk_changed_after_import(tmp_path: Path) -> None:
         AuthPool.open(tmp_path / "state", cfg)
 
 
-@pytest.fixture
-def _restore_logging() -> Iterator[None]:
-    """cli.main configures logging for the process (onto capsys' stream); undo it after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
-
-
-@pytest.mark.usefixtures("_restore_logging")
+@pytest.mark.usefixtures("restore_logging")
 def test_cli_psk_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "psk"
     assert main(["psk", "generate", str(path), "--bytes", "8192"]) == 0
@@ -576,27 +563,7 @@ async def test_replayed_hello_gets_an_idempotent_floor_announcement(
 
 # -- the link -------------------------------------------------------------------
 def make_link(role: str, port: int = 0, pool: AuthPool | None = None, **kw: Any) -> PeerLink:
-    mine, theirs = ("alice", "bob") if role == "listen" else ("bob", "alice")
-    args: dict[str, Any] = {
-        "role": role,
-        "host": "127.0.0.1",
-        "port": port,
-        "node_id": mine,
-        "peer_id": theirs,
-        "protocol": "bbm92",
-        "timeout_s": 2.0,
-        "backoff_cap_s": 0.3,
-        "authenticator": None if pool is None else pool.channel_auth,
-    }
-    return PeerLink(**(args | kw))
-
-
-async def ping_pong(a: PeerChannel, b: PeerChannel, n: int = 1) -> None:
-    for _ in range(n):
-        await b.send(MsgType.PING, b"")
-        assert (await a.recv(timeout=T)).msg_type is MsgType.PING
-        await a.send(MsgType.PONG, b"")
-        assert (await b.recv(timeout=T)).msg_type is MsgType.PONG
+    return peer_link(role, port, authenticator=None if pool is None else pool.channel_auth, **kw)
 
 
 @pytest.mark.asyncio

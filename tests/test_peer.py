@@ -409,11 +409,12 @@ def make_link(role: str, port: int = 0, **kw: Any) -> PeerLink:
     return PeerLink(**(args | kw))
 
 
-async def ping_pong(a: PeerChannel, b: PeerChannel) -> None:
-    await b.send(MsgType.PING, b"")
-    assert (await a.recv(timeout=T)).msg_type is MsgType.PING
-    await a.send(MsgType.PONG, b"")
-    assert (await b.recv(timeout=T)).msg_type is MsgType.PONG
+async def ping_pong(a: PeerChannel, b: PeerChannel, n: int = 1) -> None:
+    for _ in range(n):
+        await b.send(MsgType.PING, b"")
+        assert (await a.recv(timeout=T)).msg_type is MsgType.PING
+        await a.send(MsgType.PONG, b"")
+        assert (await b.recv(timeout=T)).msg_type is MsgType.PONG
 
 
 @pytest.mark.asyncio

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from qnoded import cli
 from qnoded.estimation import (
@@ -41,18 +38,8 @@ PULSE_RATE_HZ = 1e9  # the planner's default source
 P_Z = 0.5  # the planner's default basis choice: the daemon's balanced source, Bob's 50/50 split
 GYS_Z_KEY = Hardware(q_sift=P_Z**2)  # GYS, key from Z-Z pulses only, as the planner counts it
 EXIT_CONFIG = 2
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """cli.main configures logging for the process (onto capsys' stream); undo it after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    config = structlog.get_config()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
+# cli.main configures logging for the whole process: every test gets it back.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def plan(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -46,3 +46,90 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h) csrc/b
 
 clean:
 	rm -rf $(VENV) build *.egg-info qnoded/_qkernel*.so qnoded/_qkernel.c
+
+# --- make install / make uninstall: a production node -------------------------
+# qnoded goes into a venv of its own under PREFIX (the units' ExecStart is
+# $(PREFIX)/bin/qnoded), the units, the sysusers file, the docs and the example
+# config next to it; /etc/qnoded/node.toml is written only when there is none.
+# DESTDIR stages all of it under another root (packages, tests), and then
+# nothing runs on the live system.  Building from this tree needs gcc,
+# libgmp-dev, python3-dev and python3-venv (`make deps` installs them, and
+# Mosquitto, which a node does not need).
+#   make install PYTHON=/usr/bin/python3     the interpreter the venv is made from
+#   make install WHEEL=dist/qnoded-*.whl     install a prebuilt wheel
+#       (`pip wheel --no-deps -w dist .`): the same build on every node, no compiler there
+#   make install PIP_INSTALL_ARGS="--no-index --find-links /srv/wheels"   offline
+DESTDIR ?=
+PREFIX ?= /opt/qnoded
+BINDIR ?= /usr/local/bin
+SYSTEMD_DIR ?= /etc/systemd/system
+SYSUSERS_DIR ?= /usr/lib/sysusers.d
+DOCDIR ?= /usr/share/doc/qnoded
+WHEEL ?=
+PIP_INSTALL_ARGS ?=
+# The units name these paths; systemd fixes /etc (ConfigurationDirectory=).
+QNODED_ETC := /etc/qnoded
+# The new venv is built beside the old one and swapped in only once complete:
+# a failed build (no network, no compiler) leaves the installed node as it was.
+QNODED_NEW := $(DESTDIR)$(PREFIX).new
+
+.PHONY: install uninstall
+
+install:
+	@case '$(PREFIX)' in /?*) ;; *) echo "PREFIX must be an absolute path, not '$(PREFIX)'" >&2; exit 2;; esac
+	@# PREFIX is replaced wholesale: refuse anything but a venv an earlier install made.
+	@if [ -e '$(DESTDIR)$(PREFIX)' ] && [ ! -e '$(DESTDIR)$(PREFIX)/pyvenv.cfg' ]; then \
+	  echo "$(DESTDIR)$(PREFIX) exists and is not a venv: refusing to replace it (set PREFIX)" >&2; exit 2; fi
+	rm -rf '$(QNODED_NEW)'
+	$(PYTHON) -m venv '$(QNODED_NEW)'
+	@home=$$(sed -n 's/^home = //p' '$(QNODED_NEW)/pyvenv.cfg'); case "$$home" in \
+	  /home/*|/root/*|/run/user/*) echo "warning: the venv runs the Python in $$home, which the unit's ProtectHome=yes hides; use a system Python: make install PYTHON=/usr/bin/python3" >&2;; esac
+	'$(QNODED_NEW)/bin/python' -m pip install --quiet $(PIP_INSTALL_ARGS) $(or $(WHEEL),.)
+	@# A venv holds its own absolute path only in bin/ (script shebangs, activate)
+	@# and pyvenv.cfg; point those at PREFIX, where it will run.
+	grep -rlF '$(QNODED_NEW)' '$(QNODED_NEW)/bin' '$(QNODED_NEW)/pyvenv.cfg' | xargs -r sed -i 's|$(QNODED_NEW)|$(PREFIX)|g'
+	rm -rf '$(DESTDIR)$(PREFIX).old'
+	if [ -e '$(DESTDIR)$(PREFIX)' ]; then mv '$(DESTDIR)$(PREFIX)' '$(DESTDIR)$(PREFIX).old'; fi
+	mv '$(QNODED_NEW)' '$(DESTDIR)$(PREFIX)'
+	rm -rf '$(DESTDIR)$(PREFIX).old'
+	install -d -m 0755 '$(DESTDIR)$(BINDIR)' '$(DESTDIR)$(SYSTEMD_DIR)' '$(DESTDIR)$(SYSUSERS_DIR)' \
+	  '$(DESTDIR)$(DOCDIR)/mosquitto' '$(DESTDIR)$(QNODED_ETC)'
+	@# Root-only: systemd reads the secrets as root (LoadCredential=); an empty tls/
+	@# is what a node without TLS keys needs, a missing one fails the unit.
+	install -d -m 0700 '$(DESTDIR)$(QNODED_ETC)/credentials' '$(DESTDIR)$(QNODED_ETC)/credentials/tls'
+	@# A convenience for operators; never over a qnoded this install did not make.
+	@if [ -e '$(DESTDIR)$(BINDIR)/qnoded' ] && [ ! -L '$(DESTDIR)$(BINDIR)/qnoded' ]; then \
+	  echo "warning: $(BINDIR)/qnoded is not a symlink, left alone; run $(PREFIX)/bin/qnoded" >&2; \
+	else ln -sfn '$(PREFIX)/bin/qnoded' '$(DESTDIR)$(BINDIR)/qnoded'; fi
+	for unit in qnoded.service qnoded@.service; do \
+	  sed -e 's|/opt/qnoded/bin/qnoded|$(PREFIX)/bin/qnoded|' -e 's|/usr/share/doc/qnoded/|$(DOCDIR)/|' \
+	    "systemd/$$unit" > '$(DESTDIR)$(SYSTEMD_DIR)/'"$$unit" && chmod 0644 '$(DESTDIR)$(SYSTEMD_DIR)/'"$$unit" || exit 1; \
+	done
+	install -m 0644 systemd/qnoded.sysusers '$(DESTDIR)$(SYSUSERS_DIR)/qnoded.conf'
+	install -m 0644 README.md systemd/node.example.toml '$(DESTDIR)$(DOCDIR)/'
+	install -m 0644 qnoded/data/mosquitto-prod.conf qnoded/data/mosquitto-acl.conf '$(DESTDIR)$(DOCDIR)/mosquitto/'
+	@if [ -e '$(DESTDIR)$(QNODED_ETC)/node.toml' ]; then \
+	  echo "kept $(QNODED_ETC)/node.toml; the current example is $(DOCDIR)/node.example.toml"; \
+	else install -m 0644 systemd/node.example.toml '$(DESTDIR)$(QNODED_ETC)/node.toml'; fi
+	if [ -z '$(DESTDIR)' ]; then systemd-sysusers '$(SYSUSERS_DIR)/qnoded.conf'; fi
+	if [ -z '$(DESTDIR)' ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed qnoded in $(DESTDIR)$(PREFIX); next: README.md, 'Deploying on a node'"
+
+# Removes what install put outside /etc and /var: the config, the credentials,
+# the state (key store and spent-pad records) and the qnoded account stay.
+# Stop and disable the units first (systemctl disable --now qnoded).
+uninstall:
+	@case '$(PREFIX)' in /?*) ;; *) echo "PREFIX must be an absolute path, not '$(PREFIX)'" >&2; exit 2;; esac
+	@# Only a venv goes wholesale, so a wrong PREFIX cannot take other files with it.
+	@for dir in '$(DESTDIR)$(PREFIX)' '$(QNODED_NEW)' '$(DESTDIR)$(PREFIX).old'; do \
+	  if [ ! -e "$$dir" ]; then continue; fi; \
+	  if [ ! -e "$$dir/pyvenv.cfg" ]; then echo "$$dir is not a venv: left alone" >&2; \
+	  else echo "rm -rf $$dir"; rm -rf "$$dir"; fi; done
+	@if [ "$$(readlink '$(DESTDIR)$(BINDIR)/qnoded')" = '$(PREFIX)/bin/qnoded' ]; then rm -f '$(DESTDIR)$(BINDIR)/qnoded'; fi
+	rm -f '$(DESTDIR)$(SYSTEMD_DIR)/qnoded.service' '$(DESTDIR)$(SYSTEMD_DIR)/qnoded@.service' \
+	  '$(DESTDIR)$(SYSUSERS_DIR)/qnoded.conf'
+	rm -f '$(DESTDIR)$(DOCDIR)/README.md' '$(DESTDIR)$(DOCDIR)/node.example.toml' \
+	  '$(DESTDIR)$(DOCDIR)/mosquitto/mosquitto-prod.conf' '$(DESTDIR)$(DOCDIR)/mosquitto/mosquitto-acl.conf'
+	rmdir '$(DESTDIR)$(DOCDIR)/mosquitto' '$(DESTDIR)$(DOCDIR)' 2>/dev/null || true
+	if [ -z '$(DESTDIR)' ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "kept $(QNODED_ETC) (config, credentials), /var/lib/qnoded (state) and the qnoded account"

@@ -263,41 +263,104 @@ static void mul_split(mpz_t out, const mpz_t a, const mpz_t x, int64_t nbits) {
     mpz_clears(lo, hi, plo, NULL);
 }
 
-int qp_mersenne_hash(const uint8_t *x, int64_t nbits, const uint8_t *a, const uint8_t *b,
-                     int64_t kbits, int64_t mbits, uint8_t *out) {
-    if (nbits < 0 || kbits < 2 || nbits >= kbits || mbits <= 0 || mbits >= kbits) return QK_EINVAL;
+/* Bits [from, from + count) of the little-endian bit string x, as a number. */
+static void import_bits(mpz_t out, const uint8_t *x, int64_t from, int64_t count) {
+    const size_t first = (size_t)(from / 8);
+    const size_t last = (size_t)((from + count + 7) / 8);
+    mpz_import(out, last - first, -1, 1, 0, 0, x + first);
+    mpz_tdiv_q_2exp(out, out, (mp_bitcnt_t)(from % 8));
+    mpz_tdiv_r_2exp(out, out, (mp_bitcnt_t)count);
+}
+
+struct chunk_job {
+    const uint8_t *x, *a;
+    int64_t nbits, chunk, lo, hi; /* chunks [lo, hi) */
+    size_t kbytes;
+    mpz_ptr acc;
+    int bad; /* a coefficient out of range */
+    mpz_srcptr p;
+};
+
+/* acc = sum over the job's chunks of a_i * x_i (each a_i checked in [1, p-1]). */
+static void *chunk_worker(void *arg) {
+    struct chunk_job *job = arg;
+    mpz_t xi, ai;
+    mpz_inits(xi, ai, NULL);
+    for (int64_t i = job->lo; i < job->hi; i++) {
+        const int64_t from = i * job->chunk;
+        const int64_t count = from + job->chunk <= job->nbits ? job->chunk : job->nbits - from;
+        mpz_import(ai, job->kbytes, -1, 1, 0, 0, job->a + (size_t)i * job->kbytes);
+        if (mpz_sgn(ai) == 0 || mpz_cmp(ai, job->p) >= 0) {
+            job->bad = 1;
+            break;
+        }
+        import_bits(xi, job->x, from, count);
+        mpz_addmul(job->acc, ai, xi);
+    }
+    /* Pieces of the key and of its products: wipe before freeing. */
+    mpz_set_ui(xi, 0);
+    mpz_clears(xi, ai, NULL);
+    return NULL;
+}
+
+int qp_mersenne_hash(const uint8_t *x, int64_t nbits, const uint8_t *a, int64_t nchunks,
+                     const uint8_t *b, int64_t kbits, int64_t mbits, uint8_t *out) {
+    if (nbits < 0 || kbits < 2 || mbits <= 0 || mbits >= kbits || nchunks < 1) return QK_EINVAL;
     if (!a || !b || !out || (nbits > 0 && !x)) return QK_EINVAL;
-    const size_t xbytes = (size_t)(nbits + 7) / 8, kbytes = (size_t)(kbits + 7) / 8;
-    const size_t mbytes = (size_t)(mbits + 7) / 8;
-    mpz_t vx, va, vb, p, hi;
-    mpz_inits(vx, va, vb, p, hi, NULL);
-    mpz_import(vx, xbytes, -1, 1, 0, 0, x);
-    mpz_import(va, kbytes, -1, 1, 0, 0, a);
-    mpz_import(vb, kbytes, -1, 1, 0, 0, b);
-    /* Bits of the last byte beyond nbits are not part of the key. */
-    mpz_tdiv_r_2exp(vx, vx, (mp_bitcnt_t)nbits);
+    /* Chunks of k - 1 bits, each below p; one chunk holds all of x or none is spare. */
+    const int64_t chunk = kbits - 1;
+    if (nchunks != (nbits > chunk ? (nbits + chunk - 1) / chunk : 1)) return QK_EINVAL;
+    const size_t kbytes = (size_t)(kbits + 7) / 8, mbytes = (size_t)(mbits + 7) / 8;
+    mpz_t acc, part, vb, p, hi;
+    mpz_inits(acc, part, vb, p, hi, NULL);
     mpz_ui_pow_ui(p, 2, (unsigned long)kbits);
     mpz_sub_ui(p, p, 1);
-    int rc = QK_OK;
-    if (mpz_sgn(va) == 0 || mpz_cmp(va, p) >= 0 || mpz_cmp(vb, p) >= 0) {
-        rc = QK_EINVAL;
-    } else {
-        mul_split(vx, va, vx, nbits);
-        mpz_add(vx, vx, vb);
-        /* x mod (2^k - 1): fold the high part onto the low part. */
-        while (mpz_cmp(vx, p) >= 0) {
-            mpz_tdiv_q_2exp(hi, vx, (mp_bitcnt_t)kbits);
-            mpz_tdiv_r_2exp(vx, vx, (mp_bitcnt_t)kbits);
-            mpz_add(vx, vx, hi);
-            if (mpz_cmp(vx, p) == 0) mpz_set_ui(vx, 0);
+    mpz_import(vb, kbytes, -1, 1, 0, 0, b);
+    int rc = mpz_cmp(vb, p) >= 0 ? QK_EINVAL : QK_OK;
+    if (rc == QK_OK && nchunks == 1) {
+        /* One chunk: a*x, split over two threads when x is long. */
+        mpz_t vx, va;
+        mpz_inits(vx, va, NULL);
+        import_bits(vx, x, 0, nbits);
+        mpz_import(va, kbytes, -1, 1, 0, 0, a);
+        if (mpz_sgn(va) == 0 || mpz_cmp(va, p) >= 0) {
+            rc = QK_EINVAL;
+        } else {
+            mul_split(acc, va, vx, nbits);
         }
-        mpz_tdiv_r_2exp(vx, vx, (mp_bitcnt_t)mbits);
+        mpz_set_ui(vx, 0);
+        mpz_clears(vx, va, NULL);
+    } else if (rc == QK_OK) {
+        /* Several chunks: sum a_i x_i, half the chunks on a second thread. */
+        const int64_t mid = nbits >= QP_SPLIT_BITS ? nchunks / 2 : 0;
+        struct chunk_job mine = {x, a, nbits, chunk, mid, nchunks, kbytes, acc, 0, p};
+        struct chunk_job other = {x, a, nbits, chunk, 0, mid, kbytes, part, 0, p};
+        pthread_t thread;
+        const int threaded = mid > 0 && pthread_create(&thread, NULL, chunk_worker, &other) == 0;
+        if (mid > 0 && !threaded) chunk_worker(&other);
+        chunk_worker(&mine);
+        if (threaded) pthread_join(thread, NULL);
+        if (mine.bad || other.bad) rc = QK_EINVAL;
+        mpz_add(acc, acc, part);
+    }
+    if (rc == QK_OK) {
+        mpz_add(acc, acc, vb);
+        /* acc mod (2^k - 1): fold the high part onto the low part. */
+        while (mpz_cmp(acc, p) >= 0) {
+            mpz_tdiv_q_2exp(hi, acc, (mp_bitcnt_t)kbits);
+            mpz_tdiv_r_2exp(acc, acc, (mp_bitcnt_t)kbits);
+            mpz_add(acc, acc, hi);
+            if (mpz_cmp(acc, p) == 0) mpz_set_ui(acc, 0);
+        }
+        mpz_tdiv_r_2exp(acc, acc, (mp_bitcnt_t)mbits);
         memset(out, 0, mbytes);
         size_t count = 0;
-        mpz_export(out, &count, -1, 1, 0, 0, vx);
+        mpz_export(out, &count, -1, 1, 0, 0, acc);
     }
     /* The key passed through these numbers: wipe before freeing. */
-    mpz_set_ui(vx, 0);
-    mpz_clears(vx, va, vb, p, hi, NULL);
+    mpz_set_ui(acc, 0);
+    mpz_set_ui(part, 0);
+    mpz_set_ui(hi, 0);
+    mpz_clears(acc, part, vb, p, hi, NULL);
     return rc;
 }

@@ -66,14 +66,19 @@ int qp_flip(uint8_t *bits, int64_t n, const int64_t *idx, int64_t nidx, int npas
  * Each r[j] must be < 2^61 - 1. */
 int qp_poly61(const uint8_t *data, int64_t len, const uint64_t *r, int t, uint64_t *out);
 
-/* Carter-Wegman hash for privacy amplification, with the Mersenne prime
- * p = 2^kbits - 1 (kbits a Mersenne exponent > nbits, checked by the caller):
- * out = ((a*x + b) mod p) mod 2^mbits, all little-endian bit strings (bit i of
- * byte j is bit 8j+i), a in [1, p-1], b in [0, p-1] given as (kbits+7)/8
- * bytes, out as (mbits+7)/8 bytes.  Universal: two distinct x collide with
- * probability <= 2^-mbits over (a, b).  Needs GMP; QK_ECAPACITY if it cannot
- * allocate. */
-int qp_mersenne_hash(const uint8_t *x, int64_t nbits, const uint8_t *a, const uint8_t *b,
-                     int64_t kbits, int64_t mbits, uint8_t *out);
+/* Privacy amplification: a multilinear Carter-Wegman hash modulo the Mersenne
+ * prime p = 2^kbits - 1 (kbits a Mersenne exponent, checked by the caller).
+ * x (nbits, little-endian bit string: bit i of byte j is bit 8j+i) is cut
+ * into nchunks chunks x_1.. of kbits - 1 bits (the last may be shorter);
+ * nchunks must be ceil(nbits / (kbits - 1)), or 1 when nbits < kbits.
+ * out = ((sum a_i x_i + b) mod p) mod 2^mbits, with each a_i in [1, p-1]
+ * (nchunks values of (kbits+7)/8 bytes, little-endian, one after another),
+ * b in [0, p-1] ((kbits+7)/8 bytes), out (mbits+7)/8 bytes, mbits < kbits.
+ * Two distinct x collide with probability at most 1/(p-1) before the cut to
+ * mbits (x and y differ in some chunk j; a_j (x_j - y_j) then takes every
+ * nonzero residue once), at most ceil(p/2^mbits)/(p-1) after.  QK_EINVAL on a
+ * bad length or a coefficient out of range.  Needs GMP. */
+int qp_mersenne_hash(const uint8_t *x, int64_t nbits, const uint8_t *a, int64_t nchunks,
+                     const uint8_t *b, int64_t kbits, int64_t mbits, uint8_t *out);
 
 #endif

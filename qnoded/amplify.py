@@ -6,16 +6,22 @@ evaluated at ``t`` random points (``qp_poly61``): two different keys of ``L``
 7-byte chunks collide with probability at most ``((L + 1) / p)^t``, and ``t``
 is the least that brings this under ``eps_cor``.
 
-**Privacy amplification.**  The Carter-Wegman family
-``h(x) = ((a*x + b) mod p) mod 2^m`` over the Mersenne prime
-``p = 2^k - 1`` (``k`` the least Mersenne exponent above the key length) is
-universal: two distinct keys collide with probability at most ``2^-m`` over
-uniform ``a in [1, p-1]``, ``b in [0, p-1]`` (Carter and Wegman 1979), which is
-what the leftover hash lemma needs.  The product ``a*x`` is GMP's FFT
-multiplication and the reduction mod ``2^k - 1`` is shifts and additions, so a
-1e8-bit block costs one large multiplication (where a Toeplitz matrix over
-GF(2) would need a convolution of 2e8 points in floating point).  The seed
-``(a, b)`` is public and comes from Alice's random source, fresh per block.
+**Privacy amplification.**  A multilinear Carter-Wegman family over the
+Mersenne prime ``p = 2^k - 1``: the key ``x`` is cut into chunks ``x_1..x_L``
+of ``k - 1`` bits and ``h(x) = ((sum a_i x_i + b) mod p) mod 2^m``, with the
+``a_i`` uniform in ``[1, p-1]`` and ``b`` in ``[0, p-1]``.  Two distinct keys
+differ in some chunk ``j``, and ``a_j (x_j - y_j)`` then takes every nonzero
+residue once, so they collide mod ``p`` with probability at most
+``1/(p-1)``, and after the cut to ``m`` bits at most
+``ceil(p / 2^m)/(p-1)`` = ``2^-m (1 + 2^-(k-m) + ...)`` (Carter and Wegman
+1979; Wegman and Carter 1981 for the inner product): with ``k`` the least
+Mersenne exponent above ``m + 64`` that is ``2^-m`` to within ``2^-64``, what
+the leftover hash lemma needs.  Sizing ``p`` by the output rather than by the
+input makes the products small: a 1e8-bit block hashed to 5e7 bits is two
+products of 5.8e7-bit numbers on two cores (GMP's FFT multiplication),
+where one prime above 1e8 bits would cost a 1.4e8 x 1e8-bit product.  The
+seed ``(a_1..a_L, b)`` is public and comes from Alice's random source,
+fresh per block.
 
 Key bits travel as uint8 0/1 arrays; the hashes see them packed
 little-endian (bit ``i`` of the key is bit ``i % 8`` of byte ``i // 8``).
@@ -105,66 +111,84 @@ def tag_bits(points: int) -> int:
 # -- privacy amplification ------------------------------------------------------
 
 
+# Bits the prime exceeds the output by: the cut to m bits then costs at most
+# a factor 1 + 2^-64 on the collision probability.
+PA_MARGIN_BITS = 64
+
+
 def mersenne_exponent(nbits: int) -> int:
     """The least Mersenne exponent k with nbits < k."""
     for k in MERSENNE_EXPONENTS:
         if k > nbits:
             return k
     raise HashError(
-        f"a block of {nbits} bits is longer than privacy amplification supports "
-        f"({MAX_PA_BITS} bits); use a smaller block size"
+        f"an output of {nbits} bits is longer than privacy amplification supports "
+        f"({MAX_PA_BITS - PA_MARGIN_BITS} bits); use a smaller block size"
     )
+
+
+def pa_chunks(nbits: int, k: int) -> int:
+    """How many ``k - 1``-bit chunks a key of ``nbits`` bits is cut into."""
+    return -(-nbits // (k - 1)) if nbits > k - 1 else 1
 
 
 @dataclass(frozen=True, slots=True)
 class PaSeed:
-    """The public choice of hash: ``a`` in [1, p-1], ``b`` in [0, p-1], as k-bit integers."""
+    """The public choice of hash: the ``a_i`` in [1, p-1] (``a``, one k-bit
+    little-endian integer per chunk, back to back) and ``b`` in [0, p-1]."""
 
     k: int
     a: bytes
     b: bytes
 
     @classmethod
-    def fresh(cls, nbits: int) -> PaSeed:
-        k = mersenne_exponent(nbits)
+    def fresh(cls, nbits: int, out_bits: int) -> PaSeed:
+        """A seed for hashing ``nbits`` key bits to ``out_bits``."""
+        k = mersenne_exponent(out_bits + PA_MARGIN_BITS)
         p = (1 << k) - 1
         nbytes = (k + 7) // 8
-        a = 1 + secrets.randbelow(p - 1)
-        b = secrets.randbelow(p)
-        return cls(k=k, a=a.to_bytes(nbytes, "little"), b=b.to_bytes(nbytes, "little"))
+        a = b"".join(
+            (1 + secrets.randbelow(p - 1)).to_bytes(nbytes, "little")
+            for _ in range(pa_chunks(nbits, k))
+        )
+        return cls(k=k, a=a, b=secrets.randbelow(p).to_bytes(nbytes, "little"))
 
-    def check(self, nbits: int) -> None:
-        if self.k not in MERSENNE_EXPONENTS or self.k <= nbits:
-            raise HashError(f"seed exponent {self.k} does not suit a {nbits}-bit key")
+    def check(self, nbits: int, out_bits: int) -> None:
+        """Shape checks; the values' ranges are checked where they are used (in C)."""
+        if self.k not in MERSENNE_EXPONENTS or self.k <= out_bits + PA_MARGIN_BITS:
+            raise HashError(
+                f"seed exponent {self.k} does not suit an output of {out_bits} bits "
+                f"(needs a Mersenne exponent above {out_bits + PA_MARGIN_BITS})"
+            )
         nbytes = (self.k + 7) // 8
-        if len(self.a) != nbytes or len(self.b) != nbytes:
-            raise HashError(f"seed halves must be {nbytes} bytes for k = {self.k}")
-        p = (1 << self.k) - 1
-        a = int.from_bytes(self.a, "little")
-        b = int.from_bytes(self.b, "little")
-        if not (1 <= a < p and 0 <= b < p):
-            raise HashError("seed value out of range for its prime")
+        chunks = pa_chunks(nbits, self.k)
+        if len(self.a) != chunks * nbytes or len(self.b) != nbytes:
+            raise HashError(
+                f"a {nbits}-bit key needs {chunks} coefficients of {nbytes} bytes and a "
+                f"{nbytes}-byte b for k = {self.k}; the seed has {len(self.a)} and {len(self.b)}"
+            )
 
 
 def amplify(bits: U8, seed: PaSeed, out_bits: int) -> U8:
-    """``((a*x + b) mod p) mod 2^out_bits``, packed little-endian in (out_bits+7)//8 bytes.
+    """``((sum a_i x_i + b) mod p) mod 2^out_bits``, packed little-endian in (out_bits+7)//8 bytes.
 
     The secret key stays packed: it is stored and delivered as bytes.
     """
     n = int(bits.shape[0])
-    seed.check(n)
-    if not 0 < out_bits < seed.k:
-        raise HashError(f"output length {out_bits} must lie in 1..{seed.k - 1}")
+    if out_bits <= 0:
+        raise HashError(f"output length {out_bits} must be positive")
+    seed.check(n, out_bits)
     packed = pack_le(bits)
     a = np.frombuffer(seed.a, dtype=np.uint8)
     b = np.frombuffer(seed.b, dtype=np.uint8)
     out = np.empty((out_bits + 7) // 8, dtype=np.uint8)
-    check_status(
-        lib.qp_mersenne_hash(
-            pointer("uint8_t *", packed), n, pointer("uint8_t *", a), pointer("uint8_t *", b),
-            seed.k, out_bits, pointer("uint8_t *", out),
-        ),
-        "qp_mersenne_hash",
+    rc = lib.qp_mersenne_hash(
+        pointer("uint8_t *", packed), n, pointer("uint8_t *", a), pa_chunks(n, seed.k),
+        pointer("uint8_t *", b), seed.k, out_bits, pointer("uint8_t *", out),
     )  # fmt: skip
+    if rc == lib.QK_EINVAL:  # the shapes were checked above: a value is out of range
+        packed.fill(0)
+        raise HashError(f"seed value out of range for the prime 2^{seed.k} - 1")
+    check_status(rc, "qp_mersenne_hash")
     packed.fill(0)  # the packed copy is key material
     return out

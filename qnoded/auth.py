@@ -16,13 +16,29 @@ stores it unusable, :meth:`AuthPool.activate` appends it to the stream,
 :meth:`AuthPool.drop` wipes it.  Both nodes must activate the same bytes in
 the same order (block commit order), or every MAC fails from then on.
 
-**The MAC.**  A frame's authenticated data is ``header + payload + pad index``
-(u64 big-endian).  For each of ``POINTS`` secret points ``k_j`` (one set per
-direction, drawn from the hash key) and the pad's j-th 8 bytes ``r_j``::
+**The MAC.**  A tagged frame's authenticated data is the transcript since the
+sender's previous tag (header + payload of each frame sent without a MAC, in
+order), then its own header + payload, then the pad index (u64 big-endian).
+For each of ``POINTS`` secret points ``k_j`` (one set per direction, drawn
+from the hash key) and the pad's j-th 8 bytes ``r_j``::
 
     t_j = (poly61(data, k_j) + r_j) mod 2^64
 
 and the frame's trailer is ``pad index || t_0 || t_1`` (``TAG_LEN`` = 24 bytes).
+Frames are self-delimiting (their headers carry length and seq), so distinct
+transcripts are distinct byte strings.
+
+**Which frames wait for a tag.**  Only the types in :data:`DEFERRABLE` (bulk
+frames whose effect dies with the session: time tags, sifting, QBER samples,
+Cascade queries and answers), at most :data:`MAX_DEFERRED_FRAMES` in a row and
+:data:`MAX_DEFERRED_BYTES` of transcript; every other frame (handshake, block
+start, verification, prepare, commit, abort, recovery, errors, keepalives)
+carries a tag.  A node stores, commits or activates key only on a tagged frame,
+and by then every frame of the peer's direction before it has been
+authenticated; a frame that fails, or an untagged frame the rule does not
+allow, ends the session and drops the block in flight.  Tagging per frame
+would spend 128 pad bits per Cascade message, more secret key per block than
+the block makes; with the transcript a 1e6-bit block spends a few kbit.
 ``poly61`` (:func:`qnoded.amplify.poly61`) is a polynomial of degree L + 1 in
 ``k`` for L 7-byte chunks, with the length as a coefficient, so it is
 epsilon-almost-Delta-universal with epsilon = (L + 1)/(p - 1), p = 2^61 - 1, per
@@ -95,12 +111,30 @@ log = structlog.get_logger("qnoded.auth")
 U64 = npt.NDArray[np.uint64]
 
 MIN_PSK_BYTES = 4096
-DEFAULT_PSK_BYTES = 1 << 20
+# 512 KiB: systemd passes at most 1 MiB of credentials to a unit, names and
+# TLS keys included, and the PSK only has to last until blocks refill the pool.
+DEFAULT_PSK_BYTES = 1 << 19
 # The hash key comes from the PSK's first bytes; the rest is spare for re-draws.
 HASH_REGION_BYTES = 1024
 POINTS = 2  # independent hash points per direction
 PAD_BYTES = 8 * POINTS
 TAG_LEN = 8 + 8 * POINTS  # pad index + one 64-bit tag per point
+# Frames that may travel without a MAC, covered by the sender's next tag (see
+# the module docstring): their effect dies with the session.
+DEFERRABLE = frozenset(
+    {
+        MsgType.TAGS,
+        MsgType.SIFT,
+        MsgType.QBER_SAMPLE,
+        MsgType.QBER_RESULT,
+        MsgType.EC_QUERY,
+        MsgType.EC_ANSWER,
+    }
+)
+# Bounds on what a receiver acts on before it is authenticated, and on the
+# transcript held in memory: ~9 tags per direction for a 1e6-bit block's Cascade.
+MAX_DEFERRED_FRAMES = 256
+MAX_DEFERRED_BYTES = 16 * 1024 * 1024
 # Persisting the floor this many pads ahead costs one fsync per chunk_pads / 2
 # frames per direction; a crash wastes at most this many pads (16 KiB).
 DEFAULT_CHUNK_PADS = 1024
@@ -153,7 +187,7 @@ def psk_path(cfg: AuthSection, environ: Mapping[str, str] | None = None) -> Path
     if not creds:
         raise AuthError(
             "no pre-shared key: set [auth] psk_file, or run under systemd with "
-            f"LoadCredential={cfg.psk_credential}:/etc/qnoded/psk"
+            f"LoadCredential={cfg.psk_credential}:/etc/qnoded/credentials/{cfg.psk_credential}"
         )
     return Path(creds) / cfg.psk_credential
 
@@ -218,15 +252,20 @@ def write_psk(path: Path, nbytes: int = DEFAULT_PSK_BYTES) -> None:
 
 
 # -- the MAC ------------------------------------------------------------------------
-def forgery_probability(payload_bytes: int, points: int = POINTS) -> float:
-    """Upper bound on the chance that one forged frame with a payload of at most
-    ``payload_bytes`` bytes is accepted (for one verification attempt).
+def forgery_probability(
+    payload_bytes: int, points: int = POINTS, transcript_bytes: int = 0
+) -> float:
+    """Upper bound on the chance that one forged tag is accepted (for one
+    verification attempt) over a frame with a payload of at most ``payload_bytes``
+    bytes after ``transcript_bytes`` of untagged frames.
 
-    The authenticated data is header + payload + 8 index bytes, L 7-byte chunks;
-    per uniform point in [1, p - 1] the polynomial difference (degree <= L + 1,
-    not zero for different data) minus any delta has at most L + 1 roots.
+    The authenticated data is transcript + header + payload + 8 index bytes, L
+    7-byte chunks; per uniform point in [1, p - 1] the polynomial difference
+    (degree <= L + 1, not zero for different data) minus any delta has at most
+    L + 1 roots.  The worst case is ``forgery_probability(MAX_FRAME,
+    transcript_bytes=MAX_DEFERRED_BYTES)``, about 2^-75.
     """
-    nbytes = HEADER.size + payload_bytes + _INDEX.size
+    nbytes = transcript_bytes + HEADER.size + payload_bytes + _INDEX.size
     chunks = math.ceil(nbytes / CHUNK_BYTES)
     return float(((chunks + 1) / (P61 - 1)) ** points)
 
@@ -260,6 +299,14 @@ def mac(points: U64, data: bytes, pad: bytes) -> bytes:
         ((int(h[j]) + int.from_bytes(pad[8 * j : 8 * j + 8], "big")) & MASK64).to_bytes(8, "big")
         for j in range(len(points))
     )
+
+
+def _describe(data: bytes) -> str:
+    """ "TYPE seq N" of a frame's header bytes, for messages."""
+    try:
+        return f"{MsgType(data[5]).name} seq {_SEQ.unpack_from(data, 8)[0]}"
+    except (ValueError, IndexError, struct.error):
+        return "frame"
 
 
 def _even(n: int) -> int:
@@ -722,8 +769,15 @@ class ChannelAuth:
         self._d = 0 if role == "listen" else 1
         self._base: int | None = None
         self._epoch = -1
-        self._sent = 0  # frames tagged in this session
+        self._sent = 0  # frames sent in this session, tagged or not
+        self._tags_sent = 0  # pads used for them
         self._received = 0  # frames accepted in this session
+        self._tags_received = 0
+        # Untagged frames since the last tag, each way: the next tag covers them.
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._in: list[bytes] = []
+        self._in_bytes = 0
         self._stale = False  # the peer's first frame was below our floor
         self._hint: _Hint | None = None  # armed: the next tag() announces our floor
         self._over = False  # no more tags or checks
@@ -744,24 +798,74 @@ class ChannelAuth:
         if self._base is not None and self._epoch != self._pool._epoch:
             raise PeerClosedError("authentication session superseded by a newer connection")
 
+    def _check_sent_seq(self, data: bytes) -> None:
+        (seq,) = _SEQ.unpack_from(data, 8)
+        if seq != self._sent & 0xFFFFFFFF:
+            raise AuthError(f"frame seq {seq}, but this session has sent {self._sent} frames")
+
+    def defers(self, msg_type: MsgType, payload_len: int) -> bool:
+        """True if the next frame may go untagged (the receiver applies the same rule)."""
+        return (
+            self._base is not None
+            and self._hint is None
+            and msg_type in DEFERRABLE
+            and len(self._out) < MAX_DEFERRED_FRAMES
+            and self._out_bytes + HEADER.size + payload_len <= MAX_DEFERRED_BYTES
+        )
+
+    def defer(self, data: bytes) -> None:
+        """``data`` (header + payload) goes without a MAC; the next :meth:`tag` covers it."""
+        self._require_live()
+        self._check_sent_seq(data)
+        if not self.defers(MsgType(data[5]), len(data) - HEADER.size):
+            raise AuthError(f"a {MsgType(data[5]).name} frame may not go without a MAC now")
+        self._out.append(data)
+        self._out_bytes += len(data)
+        self._sent += 1
+
     def tag(self, data: bytes) -> bytes:
-        """The trailer (pad index + tag) for the next frame this node sends."""
+        """The trailer (pad index + tag) for the next frame this node sends; it
+        covers the frames deferred since the previous tag."""
         self._require_live()
         if self._hint is not None:
             hint, self._hint, self._over = self._hint, None, True
             return self._pool._hint_trailer(hint, data)
-        (seq,) = _SEQ.unpack_from(data, 8)
-        if seq != self._sent & 0xFFFFFFFF:
-            raise AuthError(f"frame seq {seq}, but this session has sent {self._sent} frames")
+        self._check_sent_seq(data)
         if self._base is None:
             if self._d == 0:
                 raise AuthError("the listener cannot send before the connector's first frame")
             self._base, self._epoch = self._pool._open_session(None)
-        index = self._base + 2 * self._sent + self._d
+        index = self._base + 2 * self._tags_sent + self._d
         pad = self._pool._pad_for_sending(index)
-        self._sent += 1
         packed = _INDEX.pack(index)
-        return packed + mac(self._pool._points[self._d], data + packed, pad)
+        transcript = b"".join([*self._out, data, packed])
+        self._out.clear()
+        self._out_bytes = 0
+        self._sent += 1
+        self._tags_sent += 1
+        return packed + mac(self._pool._points[self._d], transcript, pad)
+
+    def accept_deferred(self, data: bytes) -> None:
+        """Take the peer's next frame, sent without a MAC, into the transcript its
+        next tag must cover; ``missing-mac`` if the rule does not let it wait."""
+        self._require_live()
+        what = _describe(data)
+        if self._base is None:
+            raise FrameAuthError("missing-mac", f"{what} without a MAC opened the session")
+        if data[5] not in DEFERRABLE:
+            raise FrameAuthError("missing-mac", f"{what} has no MAC; this kind must carry one")
+        if len(self._in) >= MAX_DEFERRED_FRAMES or (
+            self._in_bytes + len(data) > MAX_DEFERRED_BYTES
+        ):
+            raise FrameAuthError(
+                "missing-mac",
+                f"{what} has no MAC after {len(self._in)} untagged frames "
+                f"({self._in_bytes} bytes); at most {MAX_DEFERRED_FRAMES} frames and "
+                f"{MAX_DEFERRED_BYTES} bytes may wait for a tag",
+            )
+        self._in.append(data)
+        self._in_bytes += len(data)
+        self._received += 1
 
     def check(self, data: bytes, trailer: bytes) -> None:
         """Accept ``data`` (header + payload) as the peer's next frame or raise
@@ -774,7 +878,7 @@ class ChannelAuth:
         if self._base is None:
             self._check_first(data, trailer, index)
             return
-        expected = self._base + 2 * self._received + peer_d
+        expected = self._base + 2 * self._tags_received + peer_d
         if index != expected:
             if self._is_floor_hint(data, index, expected):
                 self._verify(0, index, data, trailer)
@@ -785,9 +889,20 @@ class ChannelAuth:
                 "pad",
                 f"pad index {index}, expected {expected}: a replayed, reordered or injected frame",
             )
-        self._verify(peer_d, index, data, trailer)
+        try:
+            self._verify(peer_d, index, data, trailer, self._in)
+        except FrameAuthError:
+            # The peer spent this pad on the frame it sent: put the floor above
+            # it, as the peer's is, so the next session starts without a
+            # floor announcement.  Only the expected index is reserved, never
+            # one a forger picks.
+            self._pool._reserve(index)
+            raise
         self._pool._reserve(index)
+        self._in.clear()
+        self._in_bytes = 0
         self._received += 1
+        self._tags_received += 1
 
     def _check_first(self, data: bytes, trailer: bytes, index: int) -> None:
         if self._d == 1:
@@ -805,7 +920,7 @@ class ChannelAuth:
         self._verify(1, index, data, trailer)
         self._base, self._epoch = self._pool._open_session(base)
         self._pool._reserve(index)
-        self._received = 1
+        self._received = self._tags_received = 1
 
     def _is_floor_hint(self, data: bytes, index: int, expected: int) -> bool:
         # Bob's first frame from Alice may be her floor announcement: an ERROR
@@ -819,7 +934,9 @@ class ChannelAuth:
             and data[5] == MsgType.ERROR
         )
 
-    def _verify(self, d: int, index: int, data: bytes, trailer: bytes) -> None:
+    def _verify(
+        self, d: int, index: int, data: bytes, trailer: bytes, transcript: Sequence[bytes] = ()
+    ) -> None:
         pad = self._pool._pad(index)
         if pad is None:
             raise FrameAuthError(
@@ -827,16 +944,16 @@ class ChannelAuth:
                 f"pad index {index} is not in this node's pool "
                 f"({self._pool.stream_bytes // PAD_BYTES} pads activated)",
             )
-        expected = mac(self._pool._points[d], data + trailer[: _INDEX.size], pad)
+        authenticated = b"".join([*transcript, data, trailer[: _INDEX.size]])
+        expected = mac(self._pool._points[d], authenticated, pad)
         if not hmac.compare_digest(expected, trailer[_INDEX.size :]):
-            try:
-                what = f"{MsgType(data[5]).name} seq {_SEQ.unpack_from(data, 8)[0]}"
-            except (ValueError, IndexError, struct.error):
-                what = "frame"
+            covering = (
+                f", covering {len(transcript)} untagged frames before it" if transcript else ""
+            )
             raise FrameAuthError(
                 "mac",
-                f"MAC check failed on {what} (pad {index}): a tampered or forged frame, "
-                "or the nodes' key pools differ",
+                f"MAC check failed on {_describe(data)} (pad {index}{covering}): a tampered "
+                "or forged frame, or the nodes' key pools differ",
             )
 
     def verify(self, data: bytes, tag: bytes) -> bool:

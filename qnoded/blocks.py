@@ -408,7 +408,7 @@ class AliceBlocks(_Engine[_AliceBlock]):
         if length <= 0 or usable <= 0:
             return self._abort(blk, f"estimation: secret length {length} bits leaves no key")
         out_bytes = wanted + usable
-        seed = amplify.PaSeed.fresh(n)
+        seed = amplify.PaSeed.fresh(n, 8 * out_bytes)
         hash_points = amplify.random_points(points)
         tag = amplify.verification_tag(blk.bits, hash_points)
         secret = amplify.amplify(blk.bits, seed, 8 * out_bytes)
@@ -529,15 +529,28 @@ class BobBlocks(_Engine[_BobBlock]):
             raise BlockError("RECOVER_REPLY: ids and answers do not match")
         for i, ok in enumerate(committed.tolist()):
             bid = uuid.UUID(bytes=ids[16 * i : 16 * i + 16].tobytes())
-            if self.store.block_state(bid) != "pending":
+            record = self.store.block_record(bid)
+            if record is None or self.store.block_state(bid) != "pending":
                 continue
+            # The block's outcome waited for this answer (reset() left it open).
+            n_keys, stats = record
+            outcome = BlockOutcome(
+                block_id=str(bid),
+                accepted=bool(ok),
+                **{k: v for k, v in stats.items() if k in _RECORDED},
+            )
             if ok:
                 self.store.commit_block(bid)
                 self.hooks.auth_activate(bid)
+                outcome.keys = n_keys
                 log.info("pending block committed after recovery", block=str(bid))
             else:
                 self._discard(bid)
+                outcome.reason = "recovery: Alice did not commit it"
+                outcome.secret_bits = 0
                 log.info("pending block discarded after recovery", block=str(bid))
+            self.totals.record(outcome)
+            self.hooks.outcome(outcome)
         return []
 
     def on_start(self, msg: Mapping[str, npt.NDArray[Any]], sifted: dict[int, SiftedBatch]) -> Out:
@@ -725,13 +738,12 @@ class BobBlocks(_Engine[_BobBlock]):
         return []
 
 
+# Block statistics stored with (and delivered beside) its keys: public figures only.
+_RECORDED = ("n", "qber_x", "qber_z", "leak_ec_bits", "ec_efficiency", "secret_bits", "phi_z")
+
+
 def _stats(outcome: BlockOutcome) -> dict[str, Any]:
-    """Block statistics stored with (and delivered beside) its keys: public figures only."""
-    return {
-        k: v
-        for k, v in outcome.public().items()
-        if k in ("n", "qber_x", "qber_z", "leak_ec_bits", "ec_efficiency", "secret_bits", "phi_z")
-    }
+    return {k: v for k, v in outcome.public().items() if k in _RECORDED}
 
 
 def _triple(a: npt.NDArray[np.int64]) -> tuple[int, int, int]:

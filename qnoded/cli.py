@@ -1,4 +1,4 @@
-"""The ``qnoded`` command: run, check-config, drivers, demo, plan.
+"""The ``qnoded`` command: run, check-config, drivers, demo, plan, monitor.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.
 """
@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     psk_sub = psk.add_subparsers(dest="psk_command", required=True)
     gen = psk_sub.add_parser("generate", help="write a new random PSK file (mode 0600)")
     gen.add_argument("file")
-    gen.add_argument("--bytes", type=int, default=1 << 20, help="size (default 1 MiB)")
+    gen.add_argument(
+        "--bytes", type=int, default=1 << 19, help="size (default 512 KiB: fits a credential)"
+    )
     demo = sub.add_parser("demo", help="two simulated nodes making key over MQTT")
     from qnoded.demo import add_arguments
 
@@ -51,17 +53,24 @@ def _parser() -> argparse.ArgumentParser:
     from qnoded.plan import add_arguments as add_plan_arguments
 
     add_plan_arguments(plan)
+    monitor = sub.add_parser("monitor", help="live dashboard of nodes' status, telemetry, alarms")
+    from qnoded.monitor import add_arguments as add_monitor_arguments
+
+    add_monitor_arguments(monitor)
     return p
 
 
 async def _run(config_path: str) -> int:
     # Imported here, not at the top: `check-config` and `drivers` stay fast.
+    from qnoded.audit import record_config
     from qnoded.auth import AuthError
+    from qnoded.etsi014 import Etsi014Error
     from qnoded.node import run_node
 
     config = load_config(config_path)
     registry = discover()
     DeviceManager(config, registry).check()
+    record_config(config, Path(config.state.directory), source=config_path)
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -72,6 +81,10 @@ async def _run(config_path: str) -> int:
     except AuthError as exc:
         # No pre-shared key, or the wrong one: nothing may start (fail closed).
         print(f"qnoded: authentication key error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Etsi014Error as exc:
+        # Its TLS files or addresses are wrong: a configuration error, not a crash.
+        print(f"qnoded: [etsi014] {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except asyncio.CancelledError:
         structlog.get_logger("qnoded").info("stopped by signal")
@@ -91,9 +104,10 @@ def _psk_generate(file: str, nbytes: int) -> int:
     print(
         f"wrote {nbytes} random bytes to {file} (mode 0600).\n"
         "Install the SAME file at both nodes, over a channel you trust (not the peer link),\n"
-        "owned by the qnoded user, mode 0600, e.g. as /etc/qnoded/psk, then either\n"
-        '  - set [auth] psk_file = "/etc/qnoded/psk" in each node\'s config, or\n'
-        "  - add LoadCredential=qnoded-psk:/etc/qnoded/psk to the qnoded service.\n"
+        "mode 0600, then either\n"
+        "  - as /etc/qnoded/credentials/qnoded-psk (root-only), which the shipped unit loads\n"
+        "    with LoadCredential=qnoded-psk:/etc/qnoded/credentials/qnoded-psk, or\n"
+        '  - owned by the qnoded user, set [auth] psk_file = "/path/to/psk" in its config.\n'
         "Each node imports it into <state dir>/auth.db on first start; keep the file\n"
         "unchanged afterwards, and never copy or restore an auth.db between nodes."
     )
@@ -130,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from qnoded.plan import run_plan
 
             return run_plan(args)
+        if args.command == "monitor":
+            from qnoded.monitor import monitor_command
+
+            return monitor_command(args)
     except ConfigError as exc:
         print(f"qnoded: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

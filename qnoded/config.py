@@ -131,6 +131,13 @@ class Etsi014Section:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSection:
+    """The Prometheus endpoint (GET /metrics, plain HTTP); off unless the section is there."""
+
+    listen: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class StateSection:
     directory: str = "/var/lib/qnoded"
 
@@ -156,6 +163,7 @@ class NodeConfig:
     postprocessing: PostprocessingSection = field(default_factory=PostprocessingSection)
     auth: AuthSection = field(default_factory=AuthSection)
     etsi014: Etsi014Section = field(default_factory=Etsi014Section)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     devices: tuple[DeviceSpec, ...] = ()
     simulation: Mapping[str, Any] | None = None
 
@@ -170,6 +178,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "postprocessing": PostprocessingSection,
     "auth": AuthSection,
     "etsi014": Etsi014Section,
+    "metrics": MetricsSection,
 }
 _FREE_TABLES = ("devices", "simulation")
 
@@ -300,6 +309,15 @@ def parse_config(text: str, source: str = "<config>") -> NodeConfig:  # noqa: PL
                 raise ConfigError(
                     source, f"[etsi014] {key}", "is required when listen is set", f"add {key}"
                 )
+        if etsi.local_sae == etsi.remote_sae:
+            # The two ends of the key link; the server refuses to start with one
+            # SAE at both, so say it here rather than after the peer link is up.
+            raise ConfigError(
+                source,
+                "[etsi014] remote_sae",
+                f"is the same SAE as local_sae ({etsi.local_sae!r})",
+                "remote_sae is the SAE attached to the peer node",
+            )
         if mqtt.publish_keys:
             # A key leaves a node once: two delivery paths would split the keys between them.
             raise ConfigError(
@@ -308,6 +326,9 @@ def parse_config(text: str, source: str = "<config>") -> NodeConfig:  # noqa: PL
                 "keys are delivered either over MQTT or over ETSI 014, not both",
                 "set publish_keys = false to deliver over ETSI 014",
             )
+    if "metrics" in sections:
+        # A [metrics] section means "serve": an empty or missing listen is a mistake.
+        _hostport(source, "[metrics] listen", sections["metrics"].listen)
     devices = _devices(source, raw.get("devices", {}))
     simulation = raw.get("simulation")
     if simulation is not None and not isinstance(simulation, dict):

@@ -44,6 +44,7 @@ from typing import Any, Literal
 import structlog
 from aiohttp import web
 
+from qnoded import strictjson
 from qnoded.config import Etsi014Section, NodeConfig, Role
 from qnoded.keystore import Key, KeyStore, KeyStoreError, KeysUnavailableError
 
@@ -357,7 +358,7 @@ class Etsi014Server:
             reason=exc.message,
             client_sae=client,
             method=request.method,
-            path=_clip(request.path, 200),
+            path=strictjson.clip(request.path, 200),
             peer=request.remote,
         )
         return exc.response()
@@ -376,7 +377,7 @@ class Etsi014Server:
         named = request.match_info["sae_id"]
         if named != remote:
             raise ApiError(
-                401, f"SAE {local!r} has no key link to SAE {_clip(named)!r} at this KME"
+                401, f"SAE {local!r} has no key link to SAE {strictjson.clip(named)!r} at this KME"
             )
         master_here = self.role == "alice"
         if operation == "dec_keys" and master_here:
@@ -449,7 +450,9 @@ class Etsi014Server:
                 raise _bad_request([("key_ID", "missing; GET dec_keys?key_ID=UUID")])
             kid = _uuid_or_none(query["key_ID"])
             if kid is None:
-                raise _bad_request([("key_ID", f"{_clip(query['key_ID'])!r} is not a UUID")])
+                raise _bad_request(
+                    [("key_ID", f"{strictjson.clip(query['key_ID'])!r} is not a UUID")]
+                )
             wanted = [kid]
         else:
             _check_query(request, allowed=())
@@ -530,7 +533,7 @@ class Etsi014Server:
         if not raw:
             raise ApiError(400, "POST needs a JSON body")
         try:
-            doc = json.loads(raw, object_pairs_hook=_unique_fields, parse_constant=_no_constant)
+            doc = strictjson.loads(raw)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
         except RecursionError:  # a few thousand nested brackets fit in a small body
@@ -588,7 +591,7 @@ class Etsi014Server:
             elif name == "extension_mandatory" and value:
                 # The KME shall handle these or return an error (6.2); it handles none.
                 names = ", ".join(sorted({str(k) for e in value for k in e}))
-                problems.append((name, f"unsupported extensions: {_clip(names)}"))
+                problems.append((name, f"unsupported extensions: {strictjson.clip(names)}"))
             # extension_optional: the KME may ignore it (6.2), and does.
         if problems:
             raise _bad_request(problems)
@@ -623,10 +626,12 @@ class Etsi014Server:
                 continue
             extra = [k for k in entry if k not in KEY_ID_FIELDS]
             if extra:
-                problems.append((where, f"unknown fields {_clip(', '.join(map(str, extra)))}"))
+                problems.append(
+                    (where, f"unknown fields {strictjson.clip(', '.join(map(str, extra)))}")
+                )
             kid = _uuid_or_none(entry["key_ID"])
             if kid is None:
-                problems.append((where, f"{_clip(entry['key_ID'])!r} is not a UUID"))
+                problems.append((where, f"{strictjson.clip(entry['key_ID'])!r} is not a UUID"))
             elif kid in ids:
                 problems.append((where, f"{kid} is asked for twice"))
             else:
@@ -656,7 +661,9 @@ def _check_query(request: web.Request, *, allowed: Sequence[str]) -> dict[str, s
     for name in set(request.query):
         if name not in allowed:
             hint = "takes " + ", ".join(allowed) if allowed else "takes no parameters"
-            problems.append((_clip(name), f"unknown parameter; {request.method} here {hint}"))
+            problems.append(
+                (strictjson.clip(name), f"unknown parameter; {request.method} here {hint}")
+            )
         elif len(request.query.getall(name)) > 1:
             problems.append((name, "given more than once"))
     if problems:
@@ -669,26 +676,13 @@ def _query_int(query: Mapping[str, str], name: str) -> int | None:
         return None
     text = query[name]
     if not _DECIMAL_RE.fullmatch(text):
-        raise _bad_request([(name, f"{_clip(text)!r} is not a positive decimal integer")])
+        raise _bad_request([(name, f"{strictjson.clip(text)!r} is not a positive decimal integer")])
     return int(text)
 
 
 def _uuid_or_none(text: str) -> uuid.UUID | None:
     """The UUID for canonical UUID text, else None."""
     return uuid.UUID(text) if _UUID_RE.fullmatch(text) else None
-
-
-def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in doc:
-            raise ValueError(f"field {_clip(name)!r} given twice")
-        doc[name] = value
-    return doc
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _json_type(value: Any) -> str:
@@ -700,11 +694,6 @@ def _json_type(value: Any) -> str:
     if isinstance(value, int | float):
         return f"the number {value!r}"
     return names.get(type(value), type(value).__name__)
-
-
-def _clip(text: str, limit: int = 64) -> str:
-    """A caller's text echoed in an error, cut so a reply or log line stays small."""
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _some(ids: Sequence[Any]) -> str:

@@ -29,9 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import structlog
+
 from qnoded import durable
 
 BlockState = Literal["pending", "ready"]
+
+audit = structlog.get_logger("qnoded.audit")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (
@@ -97,10 +101,15 @@ class KeyStore:
         durable.execute_all(self._db, statements)
 
     def _destroy_interrupted(self) -> int:
-        n = self._db.execute("SELECT count(*) FROM keys WHERE state = 'delivering'").fetchone()[0]
-        if n:
+        """Keys a crash caught in delivery may have reached their consumer: destroy
+        them (at most once), naming their IDs in the audit log."""
+        ids = [r[0] for r in self._db.execute("SELECT key_id FROM keys WHERE state = 'delivering'")]
+        if ids:
             self._wipe("state = 'delivering'", ())
-        return int(n)
+            audit.info(
+                "key destroyed undelivered", reason="delivery interrupted by a crash", key_ids=ids
+            )
+        return len(ids)
 
     @staticmethod
     def _wipe_rows(where: str, args: Sequence[Any]) -> list[tuple[str, Sequence[Any]]]:
@@ -149,6 +158,13 @@ class KeyStore:
             "SELECT state FROM blocks WHERE block_id = ?", (str(block_id),)
         ).fetchone()
         return None if row is None else row[0]
+
+    def block_record(self, block_id: uuid.UUID) -> tuple[int, dict[str, Any]] | None:
+        """A stored block's key count and public statistics (None if unknown)."""
+        row = self._db.execute(
+            "SELECT n_keys, stats FROM blocks WHERE block_id = ?", (str(block_id),)
+        ).fetchone()
+        return None if row is None else (int(row[0]), dict(json.loads(row[1])))
 
     def commit_block(self, block_id: uuid.UUID) -> None:
         """A pending block becomes deliverable (Bob, once Alice has committed)."""
@@ -216,6 +232,13 @@ class KeyStore:
             row
             for kid in keys
             for row in self._wipe_rows("key_id = ? AND state = 'delivering'", (str(kid),))
+        )
+
+    def release(self, keys: Iterable[uuid.UUID]) -> None:
+        """Taken keys that never left (their delivery did not begin): ready again."""
+        self._tx(
+            ("UPDATE keys SET state = 'ready' WHERE key_id = ? AND state = 'delivering'", (str(k),))
+            for k in keys
         )
 
     def ready_ids(self) -> list[uuid.UUID]:

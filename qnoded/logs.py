@@ -68,3 +68,6 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The audit trail (key deliveries, commands, config changes) is kept at any
+    # log level: --log-level warning quiets the daemon, not the auditors.
+    logging.getLogger("qnoded.audit").setLevel(logging.INFO)

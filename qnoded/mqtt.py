@@ -13,14 +13,18 @@ Topics under ``qkd/v1/<node_id>/``:
   publication failed half-way may have reached the broker, so it is destroyed,
   never sent again (at most once).  Only authorised clients may read the topic
   (the production broker's ACL, ``qnoded/data/mosquitto-acl.conf``).
+- ``cmd/<name>``: operator commands, read (QoS 1) once the node attaches a
+  handler (:meth:`TelemetryPublisher.attach_commands`); each is answered on
+  ``cmd/<name>/result`` (QoS 1, not retained), see :mod:`qnoded.commands`.
 
 :class:`TelemetryPublisher` is an async context manager owning a ``TaskGroup``
 with one named connection loop in aiomqtt 2.x's reconnect pattern: connect,
-publish until an ``MqttError``, sleep a jittered capped backoff, connect again
-and republish the status.  Publishing never blocks the pipeline: telemetry
-goes into a small queue and is dropped (and counted) while the broker is down
-or slow; alarms wait in a bounded deque and are flushed on reconnect.  Nothing
-grows without bound.
+subscribe to the commands, publish until an ``MqttError``, sleep a jittered
+capped backoff, connect again, subscribe again and republish the status.
+Publishing never blocks the pipeline: telemetry goes into a small queue and is
+dropped (and counted) while the broker is down or slow; alarms and command
+results wait in bounded deques and are flushed on reconnect.  Nothing grows
+without bound.
 
 :class:`Subscriber` and :func:`collect` read JSON messages back (tests, the
 demo's live view).
@@ -42,7 +46,11 @@ from typing import TYPE_CHECKING, Any, Self
 import aiomqtt
 import structlog
 
+from qnoded.commands import Incoming
+
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from qnoded.keystore import KeyStore
 
 log = structlog.get_logger("qnoded.mqtt")
@@ -50,6 +58,9 @@ audit = structlog.get_logger("qnoded.audit")
 
 TELEMETRY_QUEUE = 16
 ALARM_BUFFER = 256
+# Command results waiting for the broker; commands run one at a time, so this
+# only fills if the broker stays away while refusals of a burst pile up.
+RESULT_BUFFER = 64
 # Keys taken from the store per round: a failed publication destroys at most these.
 KEY_BATCH = 16
 PUBLISH_TIMEOUT_S = 5.0
@@ -57,7 +68,7 @@ CLOSE_TIMEOUT_S = 2.0
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 5.0  # small, so a restarted broker sees the node again within seconds
 SEVERITIES = ("info", "warning", "critical")
-STATES = ("starting", "locking", "running", "degraded", "stopped")
+STATES = ("starting", "locking", "running", "paused", "degraded", "stopped")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +126,7 @@ class TelemetryPublisher:
 
     Counters: ``connected``, ``reconnects`` (connections after the first),
     ``published`` (telemetry messages sent), ``dropped_telemetry``,
-    ``dropped_alarms``.
+    ``dropped_alarms``, ``dropped_results``.
     """
 
     def __init__(self, settings: MqttSettings, node_id: str) -> None:
@@ -145,6 +156,25 @@ class TelemetryPublisher:
         self._key_peer = ""
         self.keys_delivered = 0
         self.keys_destroyed = 0  # taken for delivery, publication not confirmed
+        self._on_command: Callable[[Incoming], None] | None = None
+        self._cmd_subscribed = False  # on the current connection
+        self._results: deque[tuple[str, bytes]] = deque(maxlen=RESULT_BUFFER)
+        self.dropped_results = 0
+
+    def attach_commands(self, handler: Callable[[Incoming], None]) -> None:
+        """Subscribe to ``cmd/+`` (now and after every reconnect) and hand each message
+        to ``handler``, which must not block (:meth:`qnoded.commands.CommandDesk.offer`)."""
+        self._on_command = handler
+        self._cmd_subscribed = False
+        self.wake()
+
+    def publish_result(self, command: str, doc: dict[str, Any]) -> None:
+        """Queue a command's result for ``cmd/<command>/result`` (QoS 1, not retained);
+        kept while the broker is down, the oldest dropped (counted) past the buffer."""
+        if len(self._results) == self._results.maxlen:
+            self.dropped_results += 1
+        self._results.append((f"cmd/{command}/result", json.dumps(doc, default=str).encode()))
+        self.wake()
 
     def attach_keys(self, store: KeyStore, peer_id: str) -> None:
         """Deliver this store's ready keys on ``keys/<peer_id>`` while connected."""
@@ -289,10 +319,11 @@ class TelemetryPublisher:
                         log.info("mqtt up", broker=broker, reconnects=self.reconnects)
                         down = False
                     self._status_dirty = True
+                    self._cmd_subscribed = False  # a new session: subscribe again
                     async with asyncio.TaskGroup() as tg:
-                        watch = tg.create_task(self._watch(client), name="mqtt-watch")
+                        receive = tg.create_task(self._receive(client), name="mqtt-receive")
                         await self._publish_loop(client)
-                        watch.cancel()
+                        receive.cancel()
                     return  # closing: everything is published
             except* aiomqtt.MqttError as group:
                 error = group.exceptions[0]  # type: ignore[assignment]  # split keeps the type
@@ -309,11 +340,50 @@ class TelemetryPublisher:
             attempt += 1
             await asyncio.sleep(backoff_s(attempt))
 
-    @staticmethod
-    async def _watch(client: aiomqtt.Client) -> None:
-        """Raise MqttError as soon as the connection drops, even while idle."""
-        async for _ in client.messages:  # nothing is subscribed: this only waits
-            pass
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        """Hand commands to the node's handler; raise MqttError as soon as the
+        connection drops, even while idle."""
+        commands = topic(self.node_id, "cmd/+")
+        async for message in client.messages:
+            handler = self._on_command
+            # cmd/+ is the only subscription; anything else is not ours to act on.
+            if handler is None or not message.topic.matches(commands):
+                continue
+            raw = message.payload
+            if isinstance(raw, str):
+                payload = raw.encode()
+            elif isinstance(raw, bytes | bytearray):
+                payload = bytes(raw)
+            else:  # paho hands bytes; None or a number only from a local publish
+                payload = b"" if raw is None else str(raw).encode()
+            props = getattr(message.properties, "UserProperty", None) or []
+            incoming = Incoming(
+                topic=str(message.topic),
+                payload=payload,
+                retained=bool(message.retain),
+                user_properties=tuple((str(k), str(v)) for k, v in props),
+            )
+            try:
+                handler(incoming)
+            except Exception:  # a fault of the node's handler must not take the link down
+                log.exception("command handler raised", topic=incoming.topic)
+
+    async def _subscribe_commands(self, client: aiomqtt.Client) -> None:
+        if self._on_command is None or self._cmd_subscribed or self._closing:
+            return
+        leaf = topic(self.node_id, "cmd/+")
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                codes = await client.subscribe(leaf, qos=1)
+        except TimeoutError as exc:
+            raise aiomqtt.MqttError(f"subscribe to {leaf} timed out") from exc
+        self._cmd_subscribed = True
+        # MQTT v5 SUBACK: 0-2 is the granted QoS, 128 and up a refusal.  Said
+        # once per connection; retrying would not change the broker's mind.
+        values = [c if isinstance(c, int) else int(c.value) for c in codes]
+        refused = [v for v in values if v >= 128]
+        if refused:
+            log.error("command subscription refused by the broker", topic=leaf, reasons=refused)
 
     async def _publish(
         self, client: aiomqtt.Client, leaf: str, payload: bytes, *, qos: int, retain: bool = False
@@ -325,6 +395,7 @@ class TelemetryPublisher:
             raise aiomqtt.MqttError(f"publish to {leaf} timed out") from exc
 
     async def _flush(self, client: aiomqtt.Client) -> None:
+        await self._subscribe_commands(client)
         if self._status_dirty:
             self._status_dirty = False
             status = self._status
@@ -334,6 +405,10 @@ class TelemetryPublisher:
         while self._alarms:
             await self._publish(client, "alarms", self._alarms[0], qos=1)
             self._alarms.popleft()  # only once the broker has it
+        while self._results:
+            leaf, payload = self._results[0]
+            await self._publish(client, leaf, payload, qos=1)
+            self._results.popleft()
         while not self._telemetry.empty():
             await self._publish(client, "telemetry", self._telemetry.get_nowait(), qos=0)
             self.published += 1
@@ -346,6 +421,7 @@ class TelemetryPublisher:
         leaf = f"keys/{self._key_peer}"
         while keys := store.take(KEY_BATCH):
             done: list[Any] = []
+            started = 0  # keys whose publication began
             try:
                 for key in keys:
                     doc = {
@@ -356,14 +432,18 @@ class TelemetryPublisher:
                         "node_id": self.node_id,
                         "peer_id": self._key_peer,
                     }
+                    started += 1
                     await self._publish(client, leaf, json.dumps(doc).encode(), qos=1)
                     done.append(key.key_id)
             finally:
-                # Taken keys never go back: what was acknowledged is delivered,
-                # the rest may or may not have reached the broker and is destroyed.
-                store.delivered(k.key_id for k in keys)
+                # What was acknowledged is delivered; a key whose publication
+                # began but was not confirmed may have reached the broker, so
+                # it is destroyed (at most once); the rest never left: back to
+                # ready, for the next connection.
+                store.release(k.key_id for k in keys[started:])
+                store.delivered(k.key_id for k in keys[:started])
                 self.keys_delivered += len(done)
-                lost = len(keys) - len(done)
+                lost = started - len(done)
                 self.keys_destroyed += lost
                 if done:
                     audit.info(
@@ -374,6 +454,12 @@ class TelemetryPublisher:
                     )
                 if lost:
                     log.warning("keys destroyed: publication not confirmed", keys=lost)
+                    audit.info(
+                        "key destroyed undelivered",
+                        interface="mqtt",
+                        reason="publication not confirmed",
+                        key_ids=[str(k.key_id) for k in keys[len(done) : started]],
+                    )
 
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         while True:
@@ -381,7 +467,7 @@ class TelemetryPublisher:
             await self._flush(client)
             # Closing may have been asked during that flush: leave only once
             # the final status (and any alarm) has gone out too.
-            if self._closing and not self._status_dirty and not self._alarms:
+            if self._closing and not self._status_dirty and not self._alarms and not self._results:
                 return
             if not self._wake.is_set():
                 self.idle.set()

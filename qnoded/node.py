@@ -19,11 +19,12 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,22 @@ import structlog
 
 from qnoded import blocks, estimation, kernel, peer
 from qnoded.auth import AuthPool
+from qnoded.commands import (
+    CommandDesk,
+    CommandError,
+    Handler,
+    Request,
+    current_log_level,
+    rotate_log_level,
+)
 from qnoded.config import NodeConfig
 from qnoded.contracts import DeviceKind, IntensityClass, Laser, LaserMode, TagBatch, TimeTagger
 from qnoded.devices import DeviceManager
 from qnoded.etsi014 import Etsi014Server
 from qnoded.ingest import BatchError, BatchValidator
 from qnoded.keystore import KeyStore
-from qnoded.mqtt import MqttSettings, TelemetryPublisher
+from qnoded.metrics import MetricsExporter
+from qnoded.mqtt import MqttSettings, TelemetryPublisher, topic
 from qnoded.notify import Notifier
 from qnoded.registry import DriverInfo
 from qnoded.sifting import AliceEngine, BobEngine, Message, ProtocolError, SiftStats, scalar
@@ -149,6 +159,20 @@ class NodeHooks(blocks.BlockHooks):
                 break
 
 
+@dataclass(slots=True)
+class KeyHold:
+    """What operator commands (qnoded/commands.py) hold back at Alice.
+
+    A pause stops key generation; a pause or a recalibration drops the clock
+    model at the first point where no SIFT reply still awaits Bob's QBER
+    sample (``sampling`` empty).
+    """
+
+    paused: str | None = None  # the status detail while paused
+    unlock_due: bool = False
+    sampling: set[int] = field(default_factory=set)  # SIFT went out locked, sample not back
+
+
 class Node:
     """A running node; build with :func:`run_node`."""
 
@@ -176,6 +200,8 @@ class Node:
         self._auth_failures_seen = 0
         # Set by run_node when the ETSI 014 API runs: its counters join the telemetry.
         self.etsi_counters: Callable[[], dict[str, int]] | None = None
+        # Set by run_node when [metrics] is configured: it serves each telemetry payload.
+        self.metrics: MetricsExporter | None = None
         self.laser: Laser | None = None
         self.tagger: TimeTagger | None = None
         if config.node.protocol == "bb84" and self.role == "alice":
@@ -224,16 +250,24 @@ class Node:
         # When the pipeline last moved a batch; the watchdog pings only while
         # this is recent, so a stalled pipeline lets systemd's watchdog fire.
         self.last_progress = time.monotonic()
+        self.hold = KeyHold()
+        self.commands = CommandDesk(
+            config.node.id, self.command_handlers(), publisher.publish_result
+        )
 
     # -- state -------------------------------------------------------------------
     async def _set_state(self, state: str, detail: str = "") -> None:
+        if self.hold.paused is not None and state in {"locking", "running"}:
+            # An operator's pause outranks the pipeline's progress; a fault still shows.
+            state, detail = "paused", self.hold.paused
         if state != self.state:
             log.info("state", state=state, detail=detail)
             self.state = state
             await self.pub.set_status(state, detail)
             line = f"{state}: {detail}" if detail else state
-            if state == "running" and not self._ready_sent:
-                # READY only once drivers are up and the peer clock is locked.
+            if state in ("running", "paused") and not self._ready_sent:
+                # READY only once drivers are up and the peer clock is locked, or an
+                # operator paused the node before that (else systemd's start times out).
                 self._ready_sent = self.notifier.ready(line)
             else:
                 self.notifier.status(line)
@@ -256,7 +290,9 @@ class Node:
     # -- loops -------------------------------------------------------------------
     async def run(self) -> None:
         await self._set_state("locking", "waiting for peer")
+        self.pub.attach_commands(self.commands.offer)
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.commands.run(), name="commands")
             tg.create_task(self._telemetry_loop(), name="telemetry")
             if self.notifier.watchdog_interval_s is not None:
                 tg.create_task(
@@ -265,14 +301,28 @@ class Node:
             if self.tagger is not None:
                 tg.create_task(self._tagger_loop(self.tagger), name="tagger")
             if self.laser is not None:
-                await self.laser.set_mode(LaserMode.SYNC)
+                # BB84: the reference is the source's own slot clock, which a
+                # daemon restart does not reset, so a saved model still holds.
+                # (BBM92's reference is Alice's tagger, whose stream restarts.)
+                restored = self._restore_clock()
+                await self.laser.set_mode(LaserMode.KEY if restored else LaserMode.SYNC)
                 await self.laser.set_output(True)
             tg.create_task(self._peer_loop(), name="peer")
 
     async def _tagger_loop(self, tagger: TimeTagger) -> None:
         """Read batches, validate, hand them on; reopen the stream on failure."""
         attempt = 0
+        opened = False
         while True:
+            # A reopened stream may restart the tagger's clock: a new time base.
+            if self.bob is not None:
+                self.bob.epoch = secrets.randbits(62)  # Alice locks afresh on it
+            elif self.alice is not None and opened:
+                self.alice.unlock()  # BBM92: Alice's own clock is one side of the model
+            if opened:
+                # Times before and after are on different clocks: no order between them.
+                self.validator.last_stop_ps = None
+            opened = True
             try:
                 async for batch in tagger.stream():
                     attempt = 0
@@ -367,38 +417,30 @@ class Node:
             peer.MsgType.ABORT: ab.on_abort,
             peer.MsgType.RECOVER: ab.on_recover,
         }
-        # A (re)connected Bob may have restarted his clock: lock afresh.
-        alice.unlock()
-        await self._set_state("locking", "locking to peer clock")
+        # The clock model outlives a session while Bob's time base does (his
+        # TAGS name it; AliceEngine locks afresh when it changes).
+        alice.new_session()
+        self.hold.sampling.clear()
+        if alice.clock is not None:
+            await self._on_locked()
+        else:
+            await self._set_state("locking", "locking to peer clock")
         while True:
             frame = await channel.recv(timeout=self.cfg.peer.timeout_s * 3)
             msg = peer.decode_arrays(frame.payload) if frame.payload else {}
             if frame.msg_type == peer.MsgType.TAGS:
-                stop_b = scalar(msg, "stop_ps")
-                was_locked = alice.clock is not None
-                try:
-                    if self.tagger is not None:
-                        await self._await_own_tags(stop_b)
-                    reply = alice.on_tags(msg)
-                except kernel.LockError as exc:
-                    await self._problem("lock", f"no clock lock: {exc}")
-                    reply = alice.locking_reply(scalar(msg, "seq"))
-                except TimeoutError:
-                    # Our own tagger is behind Bob's batch: skip it (no key),
-                    # keep the link answering.
-                    await self._problem("tagger-behind", "own time tagger is behind the peer's")
-                    reply = alice.skip_reply(scalar(msg, "seq"))
-                if not was_locked and alice.clock is not None:
-                    await self._on_locked()
-                await channel.send(peer.MsgType.SIFT, peer.encode_arrays(reply))
-                self.last_progress = time.monotonic()
+                await self._alice_tags(channel, alice, msg)
             elif frame.msg_type == peer.MsgType.QBER_SAMPLE:
+                self.hold.sampling.discard(scalar(msg, "seq"))
                 result = alice.on_sample(msg)
                 await channel.send(peer.MsgType.QBER_RESULT, peer.encode_arrays(result))
-                await self._send_all(channel, ab.maybe_start(alice.sifted))
+                if self._making_key():
+                    await self._send_all(channel, ab.maybe_start(alice.sifted))
             elif frame.msg_type in block_handlers:
+                # A block in flight runs to its end (commit or abort) even when
+                # paused; only the start of the next one waits.
                 await self._send_all(channel, block_handlers[frame.msg_type](msg))
-                if not ab.busy:
+                if not ab.busy and self._making_key():
                     await self._send_all(channel, ab.maybe_start(alice.sifted))
             elif frame.msg_type == peer.MsgType.BYE:
                 raise PeerGone
@@ -417,12 +459,98 @@ class Node:
             self._own_progress.notify_all()
             await self._own_progress.wait_for(lambda: alice.own_stop_ps >= until)
 
+    async def _alice_tags(
+        self, channel: peer.PeerChannel, alice: AliceEngine, msg: Message
+    ) -> None:
+        """Bob's TAGS: lock or sift (neither while paused), and answer SIFT."""
+        stop_b = scalar(msg, "stop_ps")
+        seq = scalar(msg, "seq")
+        await self._release_lock_if_due(alice)
+        was_locked = alice.clock is not None  # after a release: this batch may lock afresh
+        if not self._making_key():
+            # Paused, or the lock is about to be dropped: this batch makes no
+            # key and leaves the clock model alone.
+            reply = alice.locking_reply(seq)
+            await self._note_bob_progress(alice, msg)
+        else:
+            try:
+                if self.tagger is not None:
+                    await self._await_own_tags(stop_b)
+                reply = alice.on_tags(msg)
+            except kernel.LockError as exc:
+                await self._problem("lock", f"no clock lock: {exc}")
+                reply = alice.locking_reply(seq)
+            except TimeoutError:
+                # Our own tagger is behind Bob's batch: skip it (no key),
+                # keep the link answering.
+                await self._problem("tagger-behind", "own time tagger is behind the peer's")
+                reply = alice.skip_reply(seq)
+        if not was_locked and alice.clock is not None:
+            await self._on_locked()
+        elif was_locked and alice.clock is None and self.laser is not None:
+            # Bob's time base changed: lock afresh on the source's public sync
+            # pattern (the KEY stream's pulses give no lock to find).
+            await self.laser.set_mode(LaserMode.SYNC)
+            if not self._problems:
+                await self._set_state("locking", "peer time base changed, re-locking")
+        await channel.send(peer.MsgType.SIFT, peer.encode_arrays(reply))
+        if scalar(reply, "locked") == 1 and "skipped" not in reply:
+            self.hold.sampling.add(seq)  # Bob answers it with a QBER_SAMPLE
+        self.last_progress = time.monotonic()
+
+    def _making_key(self) -> bool:
+        """Whether Alice sifts new batches and starts blocks (not paused, no re-lock due)."""
+        return self.hold.paused is None and not self.hold.unlock_due
+
+    async def _note_bob_progress(self, alice: AliceEngine, msg: Message) -> None:
+        """Bob's batches move on while Alice sifts none (BBM92): her own tagger
+        follows, as far ahead of Bob as ever, and what Bob has passed goes.
+
+        Her own tags are kept, not dropped, while paused: Bob's batches may
+        lag hers by up to the horizon, and those still to come need them.
+        """
+        if self.tagger is None:
+            return
+        start_b, stop_b = scalar(msg, "start_ps"), scalar(msg, "stop_ps")
+        max_offset = self.cfg.timing.max_offset_ps
+        async with self._own_progress:
+            self._bob_progress_ps = stop_b - max_offset
+            if alice.clock is None:
+                # Unlocked, Bob's clock may be anywhere within ±max_offset of
+                # hers: keep that margin twice, as the lock search does.  (No
+                # batch up to here will be sifted; AliceEngine trims its own
+                # tags only inside on_tags, which a paused node does not call.)
+                alice.trim_own(start_b - 2 * max_offset)
+            self._own_progress.notify_all()
+
+    async def _release_lock_if_due(self, alice: AliceEngine) -> None:
+        """Drop the clock model (pause, recalibration) once no SIFT awaits its sample.
+
+        Bob answers every locked SIFT with a QBER sample; forgetting those
+        batches first would turn the samples into protocol errors and cost the
+        session.  Meanwhile new batches get unlocked replies, so the set of
+        outstanding samples only shrinks.
+        """
+        if not self.hold.unlock_due or self.hold.sampling:
+            return
+        self.hold.unlock_due = False
+        was_locked = alice.clock is not None
+        alice.unlock()  # also drops sifted batches no block has taken
+        self.save_clock()  # none now: a restart must not bring the old model back
+        if self.laser is not None:
+            # BB84 locks on the source's public sync pattern (Calderaro et al. 2020).
+            await self.laser.set_mode(LaserMode.SYNC)
+        log.info("clock lock released", was_locked=was_locked, paused=self.hold.paused is not None)
+        if not self._problems:
+            await self._set_state("locking", "re-locking the clock (operator request)")
+
     async def _on_locked(self) -> None:
         clock = self.alice.clock if self.alice else None
         if clock is not None:
             log.info("clock locked", offset_ps=round(clock.offset_ps), drift_ppm=clock.drift_ppm)
         if self.laser is not None:
             await self.laser.set_mode(LaserMode.KEY)
+        self.save_clock()
         await self._resolved("lock")
         if not self._problems:
             await self._set_state("running", "locked")
@@ -493,6 +621,9 @@ class Node:
                     await channel.send(peer.MsgType.QBER_SAMPLE, peer.encode_arrays(sample))
                 if self.stats.locked and not was_locked and not self._problems:
                     await self._set_state("running", "locked")
+                elif was_locked and not self.stats.locked and not self._problems:
+                    # Alice dropped the lock: a recalibration or a pause there.
+                    await self._set_state("locking", "alice is re-locking the clock, or paused")
             elif frame.msg_type == peer.MsgType.QBER_RESULT:
                 bob.on_result(msg)
             elif frame.msg_type in block_handlers:
@@ -515,6 +646,117 @@ class Node:
                 self.notifier.watchdog()
             await asyncio.sleep(interval_s)
 
+    # -- operator commands (parsed, validated and audited by qnoded/commands.py) --
+    def command_handlers(self) -> dict[str, Handler]:
+        return {
+            "status": self._cmd_status,
+            "pause": self._cmd_pause,
+            "resume": self._cmd_resume,
+            "recalibrate": self._cmd_recalibrate,
+            "clear-alarm": self._cmd_clear_alarm,
+            "rotate-log-level": rotate_log_level,
+        }
+
+    def active_alarms(self) -> dict[str, str]:
+        """Faults and alarms that are on now, code -> message (what clear-alarm can clear)."""
+        active = dict(self._problems)
+        if self._qber_alarmed:
+            threshold = self.cfg.sifting.qber_alarm_threshold
+            active["qber-high"] = f"QBER {self.stats.qber} above threshold {threshold}"
+        return active
+
+    async def _refresh_state(self, detail: str) -> None:
+        """Publish the state the node is in now, after an operator changed something."""
+        if self._problems:
+            await self._set_state("degraded", "; ".join(self._problems.values()))
+        elif self._channel is None:
+            await self._set_state("locking", "waiting for peer")
+        elif self.stats.locked:
+            await self._set_state("running", "locked")
+        else:
+            await self._set_state("locking", detail)
+
+    def _alice_only(self, command: str) -> tuple[AliceEngine, blocks.AliceBlocks]:
+        """Alice's engines; at Bob, a CommandError that says where the command acts."""
+        if self.alice is None or self.alice_blocks is None:
+            here, there = self.cfg.node.id, self.cfg.peer.peer_id
+            raise CommandError(
+                f"{command} acts at {there}, not at {here}: {there} (alice) leads sifting and "
+                f"post-processing and holds the clock model, {here} follows; "
+                f"publish the command to {topic(there, 'cmd/' + command)}"
+            )
+        return self.alice, self.alice_blocks
+
+    async def _cmd_status(self, request: Request) -> dict[str, Any]:
+        return {
+            "status": self.pub.status,
+            "paused": self.hold.paused is not None,
+            "active_alarms": self.active_alarms(),
+            "log_level": current_log_level(),
+            "summary": self.summary(),  # counts and figures only, never key material
+        }
+
+    async def _cmd_pause(self, request: Request) -> dict[str, Any]:
+        _, ab = self._alice_only("pause")
+        if self.hold.paused is not None:
+            return {"paused": True, "changed": False, "state": self.state}
+        reason = request.args.get("reason", "")
+        self.hold.paused = (
+            "key generation paused by operator"
+            + (f" ({reason})" if reason else "")
+            + "; peer link and telemetry stay up"
+        )
+        # The clock is not tracked while no batch is sifted: drop the model
+        # (once in-flight samples are back) and lock afresh on resume.
+        self.hold.unlock_due = True
+        log.warning("key generation paused", reason=reason, block_in_flight=ab.busy)
+        await self._refresh_state("")
+        return {"paused": True, "changed": True, "state": self.state, "block_in_flight": ab.busy}
+
+    async def _cmd_resume(self, request: Request) -> dict[str, Any]:
+        self._alice_only("resume")
+        if self.hold.paused is None:
+            return {"paused": False, "changed": False, "state": self.state}
+        self.hold.paused = None
+        log.warning("key generation resumed")
+        await self._refresh_state("re-locking the clock after a pause")
+        return {"paused": False, "changed": True, "state": self.state}
+
+    async def _cmd_recalibrate(self, request: Request) -> dict[str, Any]:
+        alice, _ = self._alice_only("recalibrate")
+        if self.hold.paused is not None:
+            raise CommandError(
+                f"{self.cfg.node.id} is paused: its clock is not locked while paused, "
+                "and resume locks it afresh"
+            )
+        clock = alice.clock
+        self.hold.unlock_due = True
+        log.warning("clock re-lock requested", was_locked=clock is not None)
+        return {
+            "relocking": True,
+            "was_locked": clock is not None,
+            "offset_ps": round(clock.offset_ps) if clock is not None else None,
+            "drift_ppm": clock.drift_ppm if clock is not None else None,
+            "peer_connected": self._channel is not None,
+        }
+
+    async def _cmd_clear_alarm(self, request: Request) -> dict[str, Any]:
+        code = request.args["code"]
+        active = self.active_alarms()
+        if code not in active:
+            listed = ", ".join(sorted(active)) if active else "none"
+            raise CommandError(f"no active alarm {code!r} at {self.cfg.node.id}; active: {listed}")
+        if code == "qber-high":
+            self._qber_alarmed = False
+        else:
+            del self._problems[code]
+        log.warning("alarm cleared by operator", fault=code)
+        self.pub.raise_alarm(
+            "info", f"{code}-cleared", f"{code} cleared by operator; raised again if it recurs"
+        )
+        await self._refresh_state(f"{code} cleared by operator")
+        return {"cleared": code, "message": active[code], "active": sorted(self.active_alarms())}
+
     # -- telemetry ---------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         s = self.stats
@@ -532,6 +774,8 @@ class Node:
             "qber_sample_bits": s.sample_bits,
             "qber_sample_errors": s.sample_errors,
             "qber": s.qber,
+            # So a dashboard shows the QBER against this node's own alarm level.
+            "qber_alarm_threshold": self.cfg.sifting.qber_alarm_threshold,
             "locked": s.locked,
             # Alice holds the clock model; Bob only knows that it is locked.
             "offset_ps": round(s.offset_ps) if alice_locked else None,
@@ -619,6 +863,9 @@ class Node:
                 }
             )
             self.pub.publish_telemetry(payload)
+            if self.metrics is not None:
+                self.metrics.update(payload)  # the same figures, for Prometheus
+            self.save_clock()  # tracking moves the model: a restart resumes from here
             await self._check_qber()
             self._check_auth()
 
@@ -677,6 +924,36 @@ class Node:
         elif q <= threshold and self._qber_alarmed:
             self._qber_alarmed = False
             self.pub.raise_alarm("info", "qber-high-cleared", f"QBER {q:.4f} back below threshold")
+
+    def _clock_path(self) -> Path:
+        return self.state_dir / "clock.json"
+
+    def _restore_clock(self) -> bool:
+        if self.alice is None:
+            return False
+        path = self._clock_path()
+        try:
+            self.alice.restore_clock(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as exc:
+            log.warning("saved clock model not used", path=str(path), error=str(exc))
+            return False
+        log.info("clock model restored; kept unless the peer's time base changed", path=str(path))
+        return True
+
+    def save_clock(self) -> None:
+        """Keep Alice's clock model (public figures) for a restart; none: remove it."""
+        if self.alice is None or self.laser is None:
+            return
+        path = self._clock_path()
+        doc = self.alice.clock_state()
+        if doc is None:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc), encoding="utf-8")
+        os.replace(tmp, path)
 
     def write_summary(self) -> None:
         path = self.state_dir / "summary.json"
@@ -746,6 +1023,8 @@ async def run_node(
         if config.etsi014.listen:
             etsi = await stack.enter_async_context(Etsi014Server.from_config(config, store))
             node.etsi_counters = etsi.counters.telemetry
+        if config.metrics.listen:
+            node.metrics = await stack.enter_async_context(MetricsExporter.from_config(config))
         if on_node is not None:
             on_node(node)
         try:

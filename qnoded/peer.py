@@ -15,16 +15,31 @@ the ``H`` of ``>4sBBHII``, split in two bytes)::
     ...    mac_len  mac      tag over header + payload (see :class:`Authenticator`)
 
 Without an authenticator no MAC is sent (v1).  With one (``qnoded.auth``: a
-Wegman-Carter tag over header, payload and the one-time pad's index, which
-covers ``seq`` and so also stops replays) every frame carries the trailer; the
-header does not change: the reader always knows how many trailer bytes to read
-from ``mac_len``.  :class:`PeerLink` takes a factory and gives each connection
-its own :class:`SessionAuthenticator`.  On an authenticated channel a frame
-that fails authentication (forged, tampered, replayed, reordered, or without
-a MAC) raises :class:`FrameAuthError`, is logged and counted per kind, and closes
-the channel; so does a MAC on a channel without authentication.  The one
-unauthenticated frame accepted there is an ERROR as the very first frame (the
-peer could not authenticate us): it only ends the connection.
+Wegman-Carter tag over the frames' headers and payloads and the one-time pad's
+index; the headers carry ``seq``, so it also stops replays) a frame carries the
+trailer; the header does not change: the reader always knows how many trailer
+bytes to read from ``mac_len``.  :class:`PeerLink` takes a factory and gives
+each connection its own :class:`SessionAuthenticator`.
+
+A tag costs one-time pad bits, secret key, and error correction alone sends
+thousands of small frames per block, so bulk frames may go without a MAC and
+are covered by the sender's next tag, which authenticates every frame of its
+direction since the previous tag (the *transcript*).  Which frames may wait,
+and how many, is the authenticator's rule, the same at both ends
+(``qnoded.auth.DEFERRABLE``): only frames whose effect dies with the session
+(time tags, sifting, QBER samples, Cascade queries and answers), never one on
+which a node stores, commits or activates anything.  So nothing leaves a
+session before every frame that led to it is authenticated; a tampered bulk
+frame is caught by the next tag, which fails, and the session with its block
+in flight is dropped.
+
+On an authenticated channel a frame that fails authentication (forged,
+tampered, replayed, reordered, or without a MAC where one is due) raises
+:class:`FrameAuthError`, is logged and counted per kind, and closes the
+channel; so does a MAC on a channel without authentication.  The one
+unauthenticated frame accepted there outside the rule above is an ERROR as the
+very first frame (the peer could not authenticate us): it only ends the
+connection.
 
 A bad magic, version, type, flag, length or sequence number raises
 :class:`FrameError` naming the field; :class:`PeerChannel` then closes the
@@ -163,14 +178,31 @@ class Authenticator(Protocol):
 class SessionAuthenticator(Authenticator, Protocol):
     """One connection's authentication state (``qnoded.auth.ChannelAuth``).
 
-    :meth:`tag` is called for each frame sent, in order, and may raise
-    :class:`PeerClosedError` (the session is over) or another error (no key
-    left); :meth:`check` for each frame received, in order.
+    Every frame sent goes, in order, either to :meth:`tag` or, when
+    :meth:`defers` says it may wait for the next tag, to :meth:`defer`; both
+    may raise :class:`PeerClosedError` (the session is over), :meth:`tag` also
+    another error (no key left).  Every frame received goes, in order, to
+    :meth:`check` (it has a MAC) or :meth:`accept_deferred` (it has none).
+    A tag covers the frame it ends and every deferred frame before it.
     """
+
+    def defers(self, msg_type: MsgType, payload_len: int) -> bool:
+        """True if the next frame sent may go without a MAC, covered by the next tag."""
+        ...
+
+    def defer(self, data: bytes) -> None:
+        """``data`` (header + payload) is sent without a MAC; the next tag covers it."""
+        ...
 
     def check(self, data: bytes, trailer: bytes) -> None:
         """Accept ``data`` (header + payload) as the peer's next frame, else raise
         :class:`FrameAuthError`."""
+        ...
+
+    def accept_deferred(self, data: bytes) -> None:
+        """Take the peer's next frame, which has no MAC, into the transcript its next
+        tag must cover; :class:`FrameAuthError` (``missing-mac``) if that frame may
+        not wait for a tag."""
         ...
 
     def hint(self) -> int | None:
@@ -479,7 +511,13 @@ class PeerChannel:
             raise PeerClosedError(f"channel to {self.address} is closed")
         async with self._send_lock:
             try:
-                frame = encode_frame(msg_type, self._send_seq, payload, authenticator=self._auth)
+                if self._auth is not None and self._auth.defers(msg_type, len(payload)):
+                    frame = encode_frame(msg_type, self._send_seq, payload)
+                    self._auth.defer(frame)
+                else:
+                    frame = encode_frame(
+                        msg_type, self._send_seq, payload, authenticator=self._auth
+                    )
             except PeerClosedError:  # the authentication session ended (a newer one runs)
                 await self.close()
                 raise
@@ -569,11 +607,15 @@ class PeerChannel:
             raise HandshakeError(
                 f"peer rejected the handshake (unauthenticated ERROR): {_error_text(payload)}"
             )
-        if header.mac_len != self._auth.tag_len:
-            _check_mac(header, b"", trailer, self._auth)  # raises: missing or wrong-size MAC
         head = HEADER.pack(
             MAGIC, VERSION, header.msg_type, header.flags, header.mac_len, header.seq, header.length
         )
+        if not header.mac_len:
+            # Raises unless this kind of frame may wait for the peer's next tag.
+            self._auth.accept_deferred(head + payload)
+            return
+        if header.mac_len != self._auth.tag_len:
+            _check_mac(header, b"", trailer, self._auth)  # raises: wrong-size MAC
         self._auth.check(head + payload, trailer)
 
     async def _rejected(self, exc: FrameError) -> None:

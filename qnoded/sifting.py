@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from qnoded import kernel
 from qnoded.config import NodeConfig
@@ -36,6 +37,8 @@ from qnoded.timing import ClockModel, lock
 
 Message = dict[str, npt.NDArray[Any]]
 N_CLASSES = len(IntensityClass)
+
+log = structlog.get_logger("qnoded.sifting")
 
 
 class ProtocolError(Exception):
@@ -122,6 +125,12 @@ class SiftedBatch:
 
 # Decoy BB84 key classes (signal, decoy, vacuum); SYNC pulses are public.
 KEY_CLASSES = 3
+# A clock model carried over (a restart, a new session) may be off by whole
+# pulse periods, which slot matching cannot see: the bits just go random.
+# Alice's vacuum pulses can: at the right alignment only dark counts land
+# on them.  Detections needed for the check, and the shifts tried.
+SLOT_CHECK_MIN = 2000
+SLOT_CHECK_SHIFTS = 3
 
 
 @dataclass(slots=True)
@@ -148,6 +157,11 @@ class AliceEngine:
         self.laser = laser
         self.stats = stats or SiftStats()
         self.clock: ClockModel | None = None
+        # Check the model's slot alignment on the next batch (BB84, see SLOT_CHECK_MIN).
+        self.slot_check_due = False
+        # Bob's time base the clock model maps from (his TAGS carry it): a
+        # changed one means his tagger restarted, and the model is void.
+        self.peer_epoch: int | None = None
         self._pending: dict[int, _Pending] = {}
         # Raw key of batches whose sifting completed, in seq order, until a block takes it.
         self.sifted: dict[int, SiftedBatch] = {}
@@ -183,7 +197,9 @@ class AliceEngine:
         lo, hi = np.searchsorted(t, [start, stop])
         return t[lo:hi], c[lo:hi]
 
-    def _trim_own(self, before: int) -> None:
+    def trim_own(self, before: int) -> None:
+        """Drop Alice's own batches (BBM92) that end before ``before``: no batch of
+        Bob's still to come can need them."""
         while self._own and self._own[0].stop_ps < before:
             self._own.popleft()
 
@@ -210,6 +226,15 @@ class AliceEngine:
             bob = np.ascontiguousarray(bob[:: -(-bob.shape[0] // t.lock_max_events)])
         ref = self._reference_times(span0 - t.max_offset_ps, stop_b + t.max_offset_ps)
         if ref.shape[0] < 2:
+            if stop_b - span0 > t.lock_max_duration_ps:
+                # Nothing to lock on (BB84: no sync pattern from the source): start
+                # over rather than hold Bob's tags without bound, and say why.
+                self._lock_t.clear()
+                self._lock_span = None
+                raise kernel.LockError(
+                    f"no reference to lock on in {(stop_b - span0) / 1e12:.1f} s of the "
+                    "peer's tags (BB84: the source sent no sync pattern)"
+                )
             return False
         self.stats.lock_attempts += 1
         try:
@@ -239,10 +264,40 @@ class AliceEngine:
         """Forget the clock relation (peer restarted, or an operator asked)."""
         self.clock = None
         self.stats.locked = False
+        self.new_session()
+
+    def clock_state(self) -> dict[str, float | int] | None:
+        """The clock model and the time base of Bob's it maps from (public figures)."""
+        if self.clock is None or self.peer_epoch is None:
+            return None
+        return {
+            "peer_epoch": self.peer_epoch,
+            "offset_ps": self.clock.offset_ps,
+            "drift": self.clock.drift,
+        }
+
+    def restore_clock(self, doc: Mapping[str, Any]) -> None:
+        """Take a saved :meth:`clock_state` back: valid while Bob's time base is the same
+        (his TAGS say; a new one voids it), so a restarted Alice need not re-lock."""
+        try:
+            epoch = int(doc["peer_epoch"])
+            clock = ClockModel(offset_ps=float(doc["offset_ps"]), drift=float(doc["drift"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"saved clock state is malformed: {exc!r}") from None
+        self.clock, self.peer_epoch = clock, epoch
+        self.slot_check_due = True
+        self.stats.locked = True
+        self.stats.lock_offset_ps = clock.offset_ps
+        self.stats.lock_drift_ppm = clock.drift_ppm
+
+    def new_session(self) -> None:
+        """A new peer session: batches and raw key of the old one are void (Bob
+        forgets his), the clock model stays while Bob's time base does."""
         self._lock_t.clear()
         self._lock_span = None
         self._pending.clear()
         self.sifted.clear()
+        self.slot_check_due = self.clock is not None
 
     # -- per batch ---------------------------------------------------------------
     def skip_reply(self, seq: int) -> Message:
@@ -250,6 +305,8 @@ class AliceEngine:
         self.stats.dropped_batches += 1
         reply = self.locking_reply(seq)
         reply["locked"] = i64(int(self.clock is not None))
+        # Not sifted: Bob must not answer it with a QBER sample Alice never asked for.
+        reply["skipped"] = i64(1)
         return reply
 
     @staticmethod
@@ -275,12 +332,18 @@ class AliceEngine:
             raise ProtocolError(f"batch {seq}: stop_ps {stop_b} before start_ps {start_b}")
         if t_b.shape[0] > 1 and bool(np.any(np.diff(t_b) < 0)):
             raise ProtocolError(f"batch {seq}: tag times are not ascending")
+        epoch = scalar(msg, "epoch")
+        if epoch != self.peer_epoch:
+            if self.clock is not None:
+                log.info("peer time base changed, locking afresh", batch=seq)
+            self.unlock()
+            self.peer_epoch = epoch
         self.stats.tags += int(t_b.shape[0])
         if self.clock is None:
             # Batches spent on locking yield no key, even the one that locks.
             locked_now = self._try_lock(start_b, stop_b, t_b)
             if self.protocol == "bbm92" and not locked_now and self._lock_span is not None:
-                self._trim_own(self._lock_span[0] - 2 * self.cfg.timing.max_offset_ps)
+                self.trim_own(self._lock_span[0] - 2 * self.cfg.timing.max_offset_ps)
             return self.locking_reply(seq)
         matched_before = self.stats.coincidences
         if self.protocol == "bb84":
@@ -329,6 +392,15 @@ class AliceEngine:
             self.stats.pulses[cls] += int(counts[cls])
         inw = np.flatnonzero(in_window).astype(np.int64)
         det_slots = slots[inw]
+        if self.slot_check_due and det_slots.shape[0] >= SLOT_CHECK_MIN:
+            self.slot_check_due = False
+            shift = self._slot_slip(det_slots)
+            if shift:
+                # t_a = (t_b - offset) / (1 + drift): moving Bob's tags ``shift``
+                # slots later in Alice's frame moves the offset the other way.
+                self.clock.offset_ps -= shift * period * (1.0 + self.clock.drift)
+                log.warning("clock model was off by whole pulse periods; corrected", slots=shift)
+                return self._match_bb84(start_b, stop_b, t_b, basis_b)
         # Two clicks in one slot (multi-photon or a dark count) carry no
         # reliable bit: count them, keep neither (a squashing choice).
         uniq, first_idx, n_in_slot = np.unique(det_slots, return_index=True, return_counts=True)
@@ -351,6 +423,21 @@ class AliceEngine:
             intensity[keep_mask].astype(np.uint8),
         )
 
+    def _slot_slip(self, det_slots: npt.NDArray[np.int64]) -> int:
+        """The whole-slot shift that puts the fewest detections on vacuum pulses,
+        if it is clearly better than none (else 0)."""
+        assert self.laser is not None
+        vacuum = {
+            k: float(
+                np.mean(self.laser.choices_at(det_slots + k).intensity == IntensityClass.VACUUM)
+            )
+            for k in range(-SLOT_CHECK_SHIFTS, SLOT_CHECK_SHIFTS + 1)
+        }
+        best = min(vacuum, key=vacuum.__getitem__)
+        # Aligned, vacuum pulses see dark counts only; off by a slot, they see
+        # their share of all detections (p_vacuum, 0.15 in the demo).
+        return best if best != 0 and vacuum[0] > 3 * vacuum[best] + 0.01 else 0
+
     def _match_bbm92(
         self,
         start_b: int,
@@ -368,7 +455,7 @@ class AliceEngine:
             offset_ps=0,
             track_gain=self.cfg.timing.track_gain,
         )
-        self._trim_own(a0 - self.cfg.timing.coincidence_window_ps)
+        self.trim_own(a0 - self.cfg.timing.coincidence_window_ps)
         self.stats.coincidences += int(ia.shape[0])
         keep_mask = (ch_own[ia] >> 1) == basis_b[ib]
         if ia.shape[0]:
@@ -409,6 +496,9 @@ class BobEngine:
         self.stats = stats or SiftStats()
         self._pending: dict[int, npt.NDArray[np.uint8]] = {}
         self.sifted: dict[int, SiftedBatch] = {}
+        # Names this node's time base: the node draws a new one whenever its
+        # tagger stream (re)opens, since a restarted tagger may restart its clock.
+        self.epoch = 0
 
     @property
     def in_flight(self) -> int:
@@ -422,6 +512,7 @@ class BobEngine:
             "seq": i64(batch.seq),
             "start_ps": i64(batch.start_ps),
             "stop_ps": i64(batch.stop_ps),
+            "epoch": i64(self.epoch),
             "t": batch.timestamps_ps,
             "basis": (batch.channels >> 1).astype(np.uint8),
         }
@@ -445,8 +536,8 @@ class BobEngine:
             raise ProtocolError(f"SIFT for batch {seq}, which is not pending")
         locked = scalar(msg, "locked") == 1
         self.stats.locked = locked
-        if not locked:
-            return None
+        if not locked or ("skipped" in msg and scalar(msg, "skipped") == 1):
+            return None  # no key from this batch (Alice locking, or she skipped it)
         keep = field_of(msg, "keep", np.int64)
         cls = field_of(msg, "cls", np.uint8)
         if cls.shape != keep.shape:

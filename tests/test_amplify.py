@@ -23,27 +23,63 @@ def mod_mersenne(y: int, k: int) -> int:
     return 0 if y == p else y
 
 
-@pytest.mark.parametrize(("n", "m"), [(1, 1), (100, 40), (5000, 1234), (4_100_000, 1_000_003)])
-def test_pa_is_the_carter_wegman_hash(n: int, m: int) -> None:
-    # 5e6 bits takes the two-thread split inside the C code.
+def reference_pa(x: np.ndarray, seed: PaSeed, m: int) -> int:
+    """((sum a_i x_i + b) mod p) mod 2^m with Python integers, chunks of k - 1 bits."""
+    k, kb = seed.k, (seed.k + 7) // 8
+    chunks = amplify.pa_chunks(x.shape[0], k)
+    xs = as_int(x)
+    acc = int.from_bytes(seed.b, "little")
+    for i in range(chunks):
+        a_i = int.from_bytes(seed.a[i * kb : (i + 1) * kb], "little")
+        acc += a_i * ((xs >> (i * (k - 1))) & ((1 << (k - 1)) - 1))
+    return mod_mersenne(acc, k) % (1 << m)
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "chunks"),
+    [
+        (1, 1, 1),
+        (100, 40, 1),  # k = 107: one chunk, the plain Carter-Wegman hash
+        (5000, 1234, 3),  # k = 2203: 3 chunks, the last one short
+        (4_100_000, 1_000_003, 4),  # k = 1257787, over 4e6 bits: chunks on two threads
+        (300_000, 299_000, 1),  # k = 756839 above the key too: one chunk, split in halves
+        (5_000_000, 200, 9_616),  # a tiny output: k = 521, many small chunks
+    ],
+)
+def test_pa_is_the_multilinear_carter_wegman_hash(n: int, m: int, chunks: int) -> None:
     rng = np.random.default_rng(n)
     x = rng.integers(0, 2, n, dtype=np.uint8)
-    seed = PaSeed.fresh(n)
+    seed = PaSeed.fresh(n, m)
+    assert amplify.pa_chunks(n, seed.k) == chunks
+    assert seed.k > m + amplify.PA_MARGIN_BITS
     out = amplify.amplify(x, seed, m)
-    a, b = int.from_bytes(seed.a, "little"), int.from_bytes(seed.b, "little")
-    expected = mod_mersenne(a * as_int(x) + b, seed.k) % (1 << m)
     assert out.shape == ((m + 7) // 8,)
-    assert int.from_bytes(out.tobytes(), "little") == expected
+    assert int.from_bytes(out.tobytes(), "little") == reference_pa(x, seed, m)
+
+
+def test_pa_output_depends_on_every_chunk() -> None:
+    """One flipped key bit in any chunk changes the output (with these seeds)."""
+    n, m = 20_000, 1000
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    seed = PaSeed.fresh(n, m)
+    base = amplify.amplify(x, seed, m).tobytes()
+    for pos in (0, seed.k - 2, seed.k - 1, n - 1):  # both sides of a chunk edge, and the end
+        y = x.copy()
+        y[pos] ^= 1
+        assert amplify.amplify(y, seed, m).tobytes() != base
 
 
 def test_pa_seed_and_length_are_checked() -> None:
     x = np.ones(100, dtype=np.uint8)
-    seed = PaSeed.fresh(100)
-    assert seed.k == 107  # the least Mersenne exponent above 100
+    seed = PaSeed.fresh(100, 10)
+    assert seed.k == 89  # the least Mersenne exponent above 10 + 64
     with pytest.raises(HashError, match="output length"):
         amplify.amplify(x, seed, 0)
-    with pytest.raises(HashError, match="does not suit"):
-        amplify.amplify(np.ones(200, dtype=np.uint8), seed, 10)
+    with pytest.raises(HashError, match="does not suit an output of 30 bits"):
+        amplify.amplify(x, seed, 30)  # 30 + 64 > 89: the margin would be lost
+    with pytest.raises(HashError, match="needs 3 coefficients"):
+        amplify.amplify(np.ones(200, dtype=np.uint8), seed, 10)  # 200 bits: 3 chunks of 88
     zero_a = PaSeed(k=seed.k, a=bytes(len(seed.a)), b=seed.b)
     with pytest.raises(HashError, match="out of range"):
         amplify.amplify(x, zero_a, 10)

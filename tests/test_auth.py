@@ -44,6 +44,7 @@ from qnoded.peer import (
     PeerLink,
     decode_header,
     decode_json,
+    encode_arrays,
     encode_frame,
 )
 
@@ -74,6 +75,15 @@ def frame(a: ChannelAuth, seq: int, payload: bytes = b"", kind: MsgType = MsgTyp
 
 def check(a: ChannelAuth, data: bytes) -> None:
     a.check(data[:-TAG_LEN], data[-TAG_LEN:])
+
+
+def untagged(
+    a: ChannelAuth, seq: int, payload: bytes = b"", kind: MsgType = MsgType.EC_QUERY
+) -> bytes:
+    """A bulk frame sent without a MAC, as PeerChannel sends it: the next tag covers it."""
+    data = encode_frame(kind, seq, payload)
+    a.defer(data)
+    return data
 
 
 # -- the MAC ---------------------------------------------------------------------
@@ -129,6 +139,9 @@ def test_forgery_probability() -> None:
     assert -76 < math.log2(worst) < -75
     assert forgery_probability(4096) <= 2.0**-100
     assert forgery_probability(MAX_FRAME, points=3) <= 2.0**-100
+    # A tag covering the largest transcript of untagged frames still stays near 2^-75.
+    covering = forgery_probability(MAX_FRAME, transcript_bytes=auth.MAX_DEFERRED_BYTES)
+    assert worst < covering and math.log2(covering) < -74
     sizes = [0, 100, 10_000, MAX_FRAME]
     probs = [forgery_probability(n) for n in sizes]
     assert probs == sorted(probs)
@@ -405,7 +418,8 @@ def test_cli_psk_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     path = tmp_path / "psk"
     assert main(["psk", "generate", str(path), "--bytes", "8192"]) == 0
     out = capsys.readouterr().out
-    assert "LoadCredential=qnoded-psk:/etc/qnoded/psk" in out and "both nodes" in out
+    assert "LoadCredential=qnoded-psk:/etc/qnoded/credentials/qnoded-psk" in out
+    assert "both nodes" in out
     assert path.stat().st_size == 8192 and path.stat().st_mode & 0o777 == 0o600
     assert load_psk(AuthSection(psk_file=str(path))) == path.read_bytes()
     assert path.read_bytes()[:16].hex() not in out
@@ -477,6 +491,29 @@ def _no_mac(b: ChannelAuth) -> Attack:
     return [encode_frame(MsgType.PING, 1, b"")], 0, "missing-mac"
 
 
+def _untagged_commit(b: ChannelAuth) -> Attack:
+    # A COMMIT must carry its own tag: it may not wait, even for the next frame.
+    return [encode_frame(MsgType.COMMIT, 1, b'{"block":1}')], 0, "missing-mac"
+
+
+def _tampered_untagged(b: ChannelAuth) -> Attack:
+    # The bulk frame is acted on provisionally; the next tag, which covers it, fails.
+    bulk = _flip(untagged(b, 1, b"parities"), HEADER.size + 3)
+    return [bulk, frame(b, 2, b"", MsgType.EC_DONE)], 1, "mac"
+
+
+def _injected_untagged(b: ChannelAuth) -> Attack:
+    # An attacker slips in a bulk frame and renumbers Bob's next one after it.
+    genuine = frame(b, 1, b"", MsgType.EC_DONE)
+    return [encode_frame(MsgType.EC_ANSWER, 1, b"forged"), _patch_seq(genuine, 2)], 1, "mac"
+
+
+def _dropped_untagged(b: ChannelAuth) -> Attack:
+    # Withholding a bulk frame and renumbering the rest: the tag covers the lost one too.
+    untagged(b, 1, b"lost")
+    return [_patch_seq(frame(b, 2, b"", MsgType.EC_DONE), 1)], 0, "mac"
+
+
 @pytest.mark.parametrize(
     "attack",
     [
@@ -488,6 +525,10 @@ def _no_mac(b: ChannelAuth) -> Attack:
         _reordered_with_seqs_fixed,
         _made_up_tag,
         _no_mac,
+        _untagged_commit,
+        _tampered_untagged,
+        _injected_untagged,
+        _dropped_untagged,
     ],
 )
 @pytest.mark.asyncio
@@ -578,10 +619,58 @@ async def test_link_round_trip_with_auth(pools: tuple[AuthPool, AuthPool]) -> No
         big = np.arange(200_000, dtype=np.int64)
         await b.send_arrays(MsgType.TAGS, {"t": big})
         np.testing.assert_array_equal((await a.recv(timeout=T)).arrays()["t"], big)
-        assert b.sent_bytes["PING"] == 5 * (HEADER.size + TAG_LEN)  # trailers are disclosed too
+        await ping_pong(a, b)  # Bob's PING tag covers the TAGS frame before it
+        assert b.sent_bytes["PING"] == 6 * (HEADER.size + TAG_LEN)  # trailers are disclosed too
+        assert b.sent_bytes["TAGS"] == HEADER.size + len(encode_arrays({"t": big}))  # no trailer
         assert la.auth_failures.total() == lb.auth_failures.total() == 0
     # Both closed cleanly: the floors came down to the same place, just above the pads used.
-    assert alice.floor == bob.floor == 2 * (1 + 5 + 1)
+    assert alice.floor == bob.floor == 2 * (1 + 6)
+
+
+def test_untagged_frames_bounded_and_covered(pools: tuple[AuthPool, AuthPool]) -> None:
+    alice, bob = pools
+    a, b = alice.channel_auth("listen"), bob.channel_auth("connect")
+    assert not b.defers(MsgType.EC_QUERY, 10)  # a session opens with a tag
+    check(a, frame(b, 0, b"hello", MsgType.HELLO))
+    assert not b.defers(MsgType.COMMIT, 10) and not b.defers(MsgType.PING, 0)
+    assert not b.defers(MsgType.TAGS, auth.MAX_DEFERRED_BYTES)  # too big to wait
+    seq, run = 1, 0
+    while b.defers(MsgType.EC_QUERY, 10):
+        a.accept_deferred(untagged(b, seq, bytes(10)))
+        seq, run = seq + 1, run + 1
+    assert run == auth.MAX_DEFERRED_FRAMES
+    # One more untagged frame is refused at the receiver: the sender had to tag it.
+    with pytest.raises(FrameAuthError, match="at most 256 frames") as exc:
+        a.accept_deferred(encode_frame(MsgType.EC_QUERY, seq, bytes(10)))
+    assert exc.value.kind == "missing-mac"
+    with pytest.raises(AuthError, match="may not go without a MAC"):
+        b.defer(encode_frame(MsgType.EC_QUERY, seq, bytes(10)))
+    check(a, frame(b, seq, bytes(10), MsgType.EC_QUERY))  # covers all 256 before it
+    assert b.defers(MsgType.EC_QUERY, 10)  # and a new run starts
+    # Two pads for 258 frames: the HELLO's and the one closing the run.
+    assert b._tags_sent == 2 and b._sent == 258
+
+
+@pytest.mark.asyncio
+async def test_bulk_traffic_costs_a_tag_per_run(pools: tuple[AuthPool, AuthPool]) -> None:
+    """Error correction's thousands of small frames spend a pad per 257, not one each."""
+    alice, bob = pools
+    async with (
+        make_link("listen", pool=alice) as la,
+        make_link("connect", la.port, pool=bob) as lb,
+    ):
+        a, b = await la.connected(timeout=T), await lb.connected(timeout=T)
+        for i in range(1000):
+            await b.send(MsgType.EC_QUERY, i.to_bytes(4, "big"))
+            assert (await a.recv(timeout=T)).payload == i.to_bytes(4, "big")
+            await a.send(MsgType.EC_ANSWER, i.to_bytes(4, "little"))
+            assert (await b.recv(timeout=T)).payload == i.to_bytes(4, "little")
+        await ping_pong(a, b)  # the tags closing both directions' last runs
+        assert la.auth_failures.total() == lb.auth_failures.total() == 0
+    # Per direction: 1000 bulk frames make 3 full runs of 257 (the last one tagged), the
+    # PING/PONG closes the 4th; Bob's HELLO and Alice's HELLO_ACK take one pad each.
+    per_side = 1 + 3 + 1
+    assert alice.floor == bob.floor == 2 * per_side
 
 
 @pytest.mark.asyncio

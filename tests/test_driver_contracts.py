@@ -4,18 +4,24 @@ A new driver (ours or a third party's, found through the same entry points)
 is picked up automatically.  Drivers that need hardware or options this suite
 cannot supply declare them in ``CASES``; a driver missing from ``CASES`` is
 tried with no options and skipped, with the reason, if that cannot work.
+A key ``driver[variant]`` in ``CASES`` runs the same driver once more with other options.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from qnoded_drivers.ptu import write_ptu
+from test_scpi_detector import SerialDetectorEmulator
+from test_tcp_tagger import start_emulator
+from test_visa_modulator import Emulator as VisaModulatorEmulator
 
+from qnoded.broker import free_port
 from qnoded.contracts import (
     Detector,
     DeviceKind,
@@ -58,14 +64,71 @@ np.savez(
     batch_duration_ps=np.array([10**10]),
 )
 CASES["replay-tagger"] = ("bob", "bbm92", {"file": str(_REPLAY)}, 0)
+# The same driver on a PicoQuant T2 file (HydraHarp V2 records; inputs 1..4 map to 0..3).
+_PTU = _REPLAY.with_suffix(".ptu")
+write_ptu(_PTU, np.sort(_rng.integers(0, 10**11, 5000)), _rng.integers(1, 5, 5000))
+CASES["replay-tagger[ptu]"] = ("bob", "bbm92", {"file": str(_PTU), "batch_duration_ps": 10**10}, 0)
+# The SCPI detector controller speaks to its wire-level emulator (hil/serial_detector.py),
+# which the fixture below runs on a pty behind this stable port name for the whole module.
+_SCPI_PORT = _REPLAY.with_name("ttySCPI0")
+CASES["scpi-detector"] = ("bob", "bb84", {"port": str(_SCPI_PORT), "channel": 2}, 0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scpi_detector_emulator() -> Iterator[None]:
+    with SerialDetectorEmulator(_SCPI_PORT):
+        yield
+
+
+# The TCP time tagger streams from its emulator (hil/tcp_tagger.py), which the fixture
+# below runs on this module's SIM table and this control port for the whole module.
+_TCP_PORT = free_port()
+CASES["tcp-tagger"] = (
+    "bob",
+    "bb84",
+    {"host": "127.0.0.1", "port": _TCP_PORT, "batch_duration_ps": SIM["batch_duration_ps"]},
+    0,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tcp_tagger_emulator() -> Iterator[None]:
+    emu = start_emulator(_REPLAY.with_name("tcp-tagger.json"), SIM, "--port", str(_TCP_PORT))
+    yield
+    assert emu.stop() == 0
+
+
+# The VISA modulator drives its TCP emulator (hil/visa_modulator.py) over pyvisa-py,
+# which the fixture below runs on this port for the whole module.
+_VISA_PORT = free_port()
+CASES["visa-modulator"] = (
+    "alice",
+    "bb84",
+    {
+        "resource": f"TCPIP::127.0.0.1::{_VISA_PORT}::SOCKET",
+        "seed": 11,
+        "pattern_length": 1 << 16,
+        "sync_density": 0.01,
+    },
+    0,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _visa_modulator_emulator() -> Iterator[None]:
+    emu = VisaModulatorEmulator(port=_VISA_PORT)
+    emu.start()
+    yield
+    emu.kill()
 
 
 def _drivers(kind: DeviceKind) -> list[str]:
-    return sorted(n for n, info in REGISTRY.items() if info.kind is kind)
+    names = [n for n, info in REGISTRY.items() if info.kind is kind]
+    return sorted(names + [c for c in CASES if "[" in c and c.partition("[")[0] in names])
 
 
 def _build(name: str) -> tuple[Any, DriverContext]:
-    info: DriverInfo = REGISTRY[name]
+    info: DriverInfo = REGISTRY[name.partition("[")[0]]
     role, protocol, options, n_det = CASES.get(name, ("bob", "bb84", {}, 0))
     ctx = DriverContext(node_id="contract", role=role, protocol=protocol, simulation=dict(SIM))
     for ch in range(n_det):

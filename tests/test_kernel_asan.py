@@ -238,15 +238,19 @@ for length in (0, 1, 7, 8, 1000):
     pts = np.array([3, 2**61 - 2], np.uint64)
     assert lib.qp_poly61(p("uint8_t *", data), length, p("uint64_t *", pts), 2,
                          p("uint64_t *", np.empty(2, np.uint64))) == 0
-for nbits, k, m in ((1, 2, 1), (100, 107, 50), (5000, 9689, 4000)):
+for nbits, k, m in ((1, 2, 1), (100, 107, 50), (5000, 9689, 4000), (5003, 61, 50),
+                    (4_100_003, 1279, 1000)):
     x = rng.integers(0, 256, (nbits + 7) // 8, dtype=np.uint8)
     kb = (k + 7) // 8
-    av = np.zeros(kb, np.uint8)
-    av[0] = 2  # below every p here (p = 3 for k = 2)
+    chunks = -(-nbits // (k - 1)) if nbits > k - 1 else 1
+    av = np.zeros(kb * chunks, np.uint8)
+    av[::kb] = 2  # every a_i = 2, below every p here (p = 3 for k = 2)
     bv = np.zeros(kb, np.uint8)
     out = np.empty((m + 7) // 8, np.uint8)
-    assert lib.qp_mersenne_hash(p("uint8_t *", x), nbits, p("uint8_t *", av), p("uint8_t *", bv),
-                                k, m, p("uint8_t *", out)) == 0
+    assert lib.qp_mersenne_hash(p("uint8_t *", x), nbits, p("uint8_t *", av), chunks,
+                                p("uint8_t *", bv), k, m, p("uint8_t *", out)) == 0
+    assert lib.qp_mersenne_hash(p("uint8_t *", x), nbits, p("uint8_t *", av), chunks + 1,
+                                p("uint8_t *", bv), k, m, p("uint8_t *", out)) == lib.QK_EINVAL
 print("exercised")
 """
 

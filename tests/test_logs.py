@@ -45,3 +45,20 @@ def test_stdlib_loggers_share_the_renderer(captured: io.StringIO) -> None:
     assert record["event"] == "instrument ASRL1 timed out"
     assert record["logger"] == "pyvisa"
     assert record["level"] == "warning"
+
+
+def test_audit_events_survive_a_quiet_log_level() -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("qnoded.audit").level)
+    try:
+        configure_logging("warning", json=True)
+        stream = io.StringIO()
+        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        structlog.get_logger("qnoded.node").info("routine")
+        structlog.get_logger("qnoded.audit").info("key delivered", key_ids=["3f2c"])
+        lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+        assert [x["event"] for x in lines] == ["key delivered"]
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("qnoded.audit").setLevel(saved[2])

@@ -261,3 +261,52 @@ def test_settings_tls_params() -> None:
     assert MqttSettings("h", 1).tls_params() is None
     tls = MqttSettings("h", 1, tls_ca="/ca.pem", tls_cert="/c.pem", tls_key="/k.pem").tls_params()
     assert tls is not None and tls.ca_certs == "/ca.pem" and tls.keyfile == "/k.pem"
+
+
+@pytest.mark.asyncio
+async def test_key_delivery_cut_mid_batch_destroys_only_the_key_in_flight(
+    mqtt_broker: tuple[str, int], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A publication that fails on the 3rd key of a batch: the two acknowledged keys are
+    delivered, the 3rd may have reached the broker and is destroyed (at most once, its ID
+    in the audit log), the rest of the batch never left and is delivered later."""
+    import uuid
+
+    import aiomqtt
+
+    from qnoded.keystore import KeyStore
+
+    nid = node_id(request)
+    store = KeyStore(tmp_path / "keys.db")
+    ids = store.add_block(uuid.uuid4(), "bob", [os.urandom(32) for _ in range(20)], "ready", {})
+    calls = 0
+
+    async with (
+        Subscriber(mqtt_broker, f"qkd/v1/{nid}/keys/bob") as sub,
+        TelemetryPublisher(MqttSettings(*mqtt_broker), nid) as pub,
+    ):
+        real = pub._publish
+
+        async def flaky(client: aiomqtt.Client, leaf: str, payload: bytes, **kw: object) -> None:
+            nonlocal calls
+            if leaf.startswith("keys/"):
+                calls += 1
+                if calls == 3:
+                    raise aiomqtt.MqttError("connection lost (injected)")
+            await real(client, leaf, payload, **kw)  # type: ignore[arg-type]
+
+        pub._publish = flaky  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            pub.attach_keys(store, "bob")
+            got: list[str] = []
+            async with asyncio.timeout(10):
+                async for msg in sub:
+                    got.append(msg.payload["key_ID"])
+                    if len(got) == 19:
+                        break
+    assert got == [str(k) for k in ids[:2] + ids[3:]]  # in order, the 3rd never arrived
+    assert pub.keys_destroyed == 1 and pub.keys_delivered == 19
+    destroyed = [e for e in logs if e["event"] == "key destroyed undelivered"]
+    assert [e["key_ids"] for e in destroyed] == [[str(ids[2])]]
+    assert store.ready_count() == (0, 0) and store.take(100) == []
+    store.close()

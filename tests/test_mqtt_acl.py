@@ -21,6 +21,8 @@ Mosquitto 2.0.11 behaviours these tests pin down (the ACL file explains them):
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import socket
 import ssl
@@ -48,6 +50,8 @@ from qnoded.broker import (
     render_prod_config,
     set_directives,
 )
+from qnoded.commands import CommandDesk, rotate_log_level
+from qnoded.mqtt import MqttSettings, TelemetryPublisher
 
 T = 5.0  # s, bound on every round trip of a client that should succeed
 OK = 0
@@ -424,6 +428,63 @@ async def test_only_the_operator_commands_and_reads_results(
         ]
         assert await monitor.drain() == []  # neither commands nor results
         assert await alice.drain() == []  # a node does not read its own results
+
+
+@pytest.mark.asyncio
+async def test_a_node_runs_the_operators_command_and_never_sees_the_monitors(
+    pki: Pki, restore_logging: None
+) -> None:
+    """The node's own command path (TelemetryPublisher + CommandDesk) behind the
+    production broker, as the certificate ``alice``."""
+    alice = pki.client("alice")
+    audit_logger = logging.getLogger("qnoded.audit")
+    audit_level = audit_logger.level
+    # A broker of its own: the node leaves a retained status, which the module's
+    # broker must not carry into other tests.
+    async with MosquittoBroker(tls=tls_files(pki)) as broker:
+        settings = MqttSettings(
+            broker.host,
+            broker.port,
+            tls_ca=str(pki.ca_cert),
+            tls_cert=str(alice.cert),
+            tls_key=str(alice.key),
+        )
+        try:
+            async with (
+                TelemetryPublisher(settings, "alice") as pub,
+                asyncio.TaskGroup() as tg,
+                Peer(broker, pki, "operator") as operator,
+                Peer(broker, pki, "monitor") as monitor,
+            ):
+                desk = CommandDesk(
+                    "alice", {"rotate-log-level": rotate_log_level}, pub.publish_result
+                )
+                worker = tg.create_task(desk.run(), name="commands")
+                pub.attach_commands(desk.offer)
+                await asyncio.wait_for(pub.idle.wait(), T)  # subscribed to cmd/+
+                await operator.subscribe("qkd/v1/alice/cmd/+/result")
+                await monitor.subscribe("qkd/v1/+/cmd/#")
+                command = "qkd/v1/alice/cmd/rotate-log-level"
+                forged = b'{"id": "m", "args": {"level": "debug"}}'
+                assert await monitor.publish(command, forged) == NOT_AUTHORISED
+                asked = b'{"id": "o", "args": {"level": "warning"}}'
+                assert await operator.publish(command, asked) == OK
+                async with asyncio.timeout(T):
+                    message = await anext(operator.mqtt.messages)
+                assert str(message.topic) == "qkd/v1/alice/cmd/rotate-log-level/result"
+                assert not message.retain
+                assert isinstance(message.payload, bytes)
+                result = json.loads(message.payload)
+                assert result["ok"] and result["id"] == "o"
+                assert result["result"]["new"] == "warning"
+                # The broker routed the monitor's publish (refused) before it
+                # answered it, and the operator published only after that: had
+                # it reached the node, the node would have answered it first.
+                assert desk.received == 1
+                assert await monitor.drain() == []  # neither the command nor the result
+                worker.cancel()
+        finally:
+            audit_logger.setLevel(audit_level)
 
 
 # -- everyone else ---------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -39,6 +40,8 @@ pytestmark = pytest.mark.slow
 
 FAULTY = '''
 """A tagger that misbehaves on purpose, for the fault tests."""
+import asyncio
+
 import numpy as np
 from qnoded.contracts import DeviceKind, TagBatch
 from qnoded_drivers.sim.tagger import SimTimeTagger
@@ -51,6 +54,7 @@ class FaultyTagger(SimTimeTagger):
         options = dict(options)
         self.fault = options.pop("fault")
         self.at = options.pop("at", 30)
+        self.stall_s = float(options.pop("stall_s", 0.0))
         super().__init__(name, options, context)
         self.failed = False
 
@@ -60,6 +64,8 @@ class FaultyTagger(SimTimeTagger):
                 self.failed = True
                 if self.fault == "raise":
                     raise RuntimeError("USB transfer failed (injected)")
+                if self.fault == "stall":  # a hung USB read: nothing fails, nothing moves
+                    await asyncio.sleep(self.stall_s)
                 if self.fault == "unsorted" and len(batch) > 2:
                     t = batch.timestamps_ps.copy()
                     t[0], t[1] = t[1] + 1, t[0]
@@ -285,6 +291,50 @@ def test_systemd_notify_ready_after_lock_then_watchdog_and_stopping(
             while True:
                 tail += sock.recv(4096).decode().splitlines()
         assert "STOPPING=1" in tail
+    finally:
+        sock.close()
+
+
+def test_watchdog_pings_stop_while_the_pipeline_is_stalled(
+    nodes_factory: Any, mqtt_broker: tuple[str, int], tmp_path: Path
+) -> None:
+    """A tagger read that hangs (no error, no batches): the event loop runs on, but
+    WATCHDOG=1 stops, so systemd's watchdog would restart the node; pings resume
+    once batches move again."""
+    site = _plugin(tmp_path)
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    try:
+        nodes = nodes_factory(
+            args=_args(),
+            bob_tagger={"driver": "faulty-tagger", "fault": "stall", "at": 200, "stall_s": 11},
+        )
+        nodes.env["PYTHONPATH"] = os.pathsep.join([str(site), nodes.env.get("PYTHONPATH", "")])
+        nodes.start("alice")
+        nodes.env |= {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
+        nodes.start("bob")
+        pings: list[float] = []
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            try:
+                lines = sock.recv(4096).decode().splitlines()
+            except TimeoutError:
+                continue
+            pings += [time.monotonic()] * lines.count("WATCHDOG=1")
+            gaps = [b - a for a, b in itertools.pairwise(pings)]
+            if gaps and max(gaps) > 5 and gaps[-1] < 1:
+                break  # the stall showed, and pings came back
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert gaps, "no watchdog pings at all"
+        # Healthy, pings come every 0.5 s (half of WATCHDOG_USEC).  The stall is
+        # 11 s; pings stop once no batch moved for 5 s, so one gap of about 6 s.
+        stall = max(gaps)
+        assert 4.5 < stall < 9, gaps
+        before, after = gaps[: gaps.index(stall)], gaps[gaps.index(stall) + 1 :]
+        assert before and max(before) < 1.5 and after and max(after) < 1.5
+        assert nodes.procs["bob"].poll() is None  # nothing crashed: only the pings stopped
     finally:
         sock.close()
 

@@ -482,6 +482,37 @@ def test_laser_choices_are_the_links_and_counts_are_exact() -> None:
     _within(float(u.mean()), 0.5, math.sqrt(1 / 12 / 100_000))
 
 
+def test_periodic_sync_windows_come_back() -> None:
+    """With sync_period_ps the pattern returns every period: a lock dropped later
+    (recalibration, a restarted tagger) finds it again at the next window."""
+    sim = BASE_BB84 | {
+        "sync_duration_ps": 1_000_000_000,
+        "sync_period_ps": 4_000_000_000,
+        "sync_density": 0.01,
+    }
+    laser = _laser(sim)
+    p = LinkParams.from_mapping(sim)
+    period, window = p.sync_period_slots, p.sync_end_slot
+    assert (period, window) == (400_000, 100_000)
+    first, n = 350_000, 900_000  # the end of window 0's period, windows 1 and 2, into 3
+    rec = laser.emissions(first, n)
+    slots = np.arange(first, first + n, dtype=np.int64)
+    in_window = (slots % period) < window
+    is_sync = rec.intensity == IntensityClass.SYNC
+    assert not np.any(is_sync & ~in_window) and np.any(is_sync[in_window])
+    np.testing.assert_array_equal(laser.sync_slots(first, n), slots[is_sync])
+    np.testing.assert_array_equal(
+        laser.count_classes(first, n), np.bincount(rec.intensity, minlength=4)
+    )
+    assert p.sync_ranges(first, first + n) == [
+        (400_000, 500_000),
+        (800_000, 900_000),
+        (1_200_000, 1_250_000),
+    ]
+    with pytest.raises(ValueError, match="sync_period_ps"):
+        LinkParams.from_mapping(BASE_BB84 | {"sync_duration_ps": 10**9, "sync_period_ps": 10**9})
+
+
 # -- configuration ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("table", "key"),

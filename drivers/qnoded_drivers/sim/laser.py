@@ -46,6 +46,7 @@ class SimLaser(InProcessDevice):
             "mu_decoy": p.mu_decoy,
             "period_ps": p.period_ps,
             "sync_duration_ps": p.sync_duration_ps,
+            "sync_period_ps": p.sync_period_ps,
             "mode": str(self.mode),
         }
 

@@ -39,7 +39,13 @@ slots ``k < ceil(sync_duration_ps / period_ps)``) the source emits the public
 sync pattern: slot ``k`` is bright (class SYNC, mean photon number
 ``mu_signal``, basis Z, bit from Alice's QRNG) iff
 ``hash(link_seed, SYNC, k) < sync_density``, vacuum otherwise.  From
-``sync_duration_ps`` on it emits the decoy-state BB84 stream.
+``sync_duration_ps`` on it emits the decoy-state BB84 stream.  With
+``sync_period_ps`` > 0 the sync window comes back every period (true time
+``[j*period, j*period + duration)``), so a node that drops its lock (an
+operator's recalibration, a restarted tagger) locks again at the next
+window, as a real source would after Alice puts it back into SYNC mode.  The
+dark slots of a window are vacuum pulses to the estimator; the demo keeps the
+single window (``sync_period_ps`` 0), so no window falls inside a key block.
 
 Gated detectors (BB84 only: the gates follow the pulse slots) have
 ``dark_count_rate_hz * period`` dark-click probability per gate, i.e. the
@@ -146,6 +152,7 @@ class LinkParams:
     p_decoy: float = 0.1
     sync_density: float = 1e-3
     sync_duration_ps: int = 1_000_000_000_000
+    sync_period_ps: int = 0  # 0: one sync window, at the start
     misalignment: float = 0.01
     eve_fraction: float = 0.0
     bob_clock_offset_ps: int = 0
@@ -201,6 +208,10 @@ class LinkParams:
             ("p_decoy", 0 <= self.p_decoy <= 1 and self.p_signal + self.p_decoy <= 1 + 1e-12),
             ("sync_density", 0 < self.sync_density <= 1),
             ("sync_duration_ps", self.sync_duration_ps >= 0),
+            (
+                "sync_period_ps",
+                self.sync_period_ps == 0 or self.sync_period_ps > self.sync_duration_ps,
+            ),
             ("misalignment", 0 <= self.misalignment <= 0.5),
             ("eve_fraction", 0 <= self.eve_fraction <= 1),
             ("bob_clock_offset_ps", abs(self.bob_clock_offset_ps) <= 10**15),
@@ -237,8 +248,31 @@ class LinkParams:
 
     @property
     def sync_end_slot(self) -> int:
-        """First slot of the key stream: slots below it carry the sync pattern."""
+        """Slots per sync window: the first ``sync_end_slot`` of each carry the pattern."""
         return -(-self.sync_duration_ps // self.period_ps)
+
+    @property
+    def sync_period_slots(self) -> int:
+        """Slots from one sync window to the next (0: a single window at the start)."""
+        return -(-self.sync_period_ps // self.period_ps) if self.sync_period_ps else 0
+
+    def in_sync(self, slots: I64) -> npt.NDArray[np.bool_]:
+        """Which slots fall in a sync window."""
+        if self.sync_period_slots:
+            return np.mod(slots, self.sync_period_slots) < self.sync_end_slot
+        return slots < self.sync_end_slot
+
+    def sync_ranges(self, first: int, last: int) -> list[tuple[int, int]]:
+        """The parts of slots ``[first, last)`` inside sync windows, ascending."""
+        end, period = self.sync_end_slot, self.sync_period_slots
+        if not period:
+            return [(first, min(last, end))] if first < min(last, end) else []
+        out = []
+        for j in range(first // period, -(-last // period) + 1):
+            lo, hi = max(first, j * period), min(last, j * period + end)
+            if lo < hi:
+                out.append((lo, hi))
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +345,7 @@ class SimulatedLink:
         # classes from the high bits: SIGNAL below p_signal, DECOY below p_s + p_d
         intensity = (~_below(h, self._thr_signal)).astype(np.uint8)
         intensity += ~_below(h, self._thr_decoy)
-        in_sync = slots < p.sync_end_slot
+        in_sync = p.in_sync(slots)
         if np.any(in_sync):
             bright = _below(hash_bits(p.link_seed, _SYNC, slots[in_sync]), self._thr_sync)
             intensity[in_sync] = np.where(bright, IntensityClass.SYNC, IntensityClass.VACUUM)
@@ -323,33 +357,33 @@ class SimulatedLink:
         p = self.p
         counts = np.zeros(len(IntensityClass), dtype=np.int64)
         last = first + max(0, n)
-        split = min(max(first, p.sync_end_slot), last)
-        for lo in range(first, split, CHUNK):  # the sync pattern
-            hi = min(split, lo + CHUNK)
-            h = hash_bits(p.link_seed, _SYNC, np.arange(lo, hi, dtype=np.int64))
-            bright = int(np.count_nonzero(_below(h, self._thr_sync)))
-            counts[IntensityClass.SYNC] += bright
-            counts[IntensityClass.VACUUM] += hi - lo - bright
-        for lo in range(split, last, CHUNK):  # the decoy-state stream
-            hi = min(last, lo + CHUNK)
-            h = hash_bits(p.alice_qrng_seed, _CHOICE, np.arange(lo, hi, dtype=np.int64))
-            n_sig = int(np.count_nonzero(_below(h, self._thr_signal)))
-            n_low = int(np.count_nonzero(_below(h, self._thr_decoy)))
-            counts[IntensityClass.SIGNAL] += n_sig
-            counts[IntensityClass.DECOY] += n_low - n_sig
-            counts[IntensityClass.VACUUM] += hi - lo - n_low
+        at = first
+        for s_lo, s_hi in [*p.sync_ranges(first, last), (last, last)]:
+            for lo in range(at, s_lo, CHUNK):  # the decoy-state stream
+                hi = min(s_lo, lo + CHUNK)
+                h = hash_bits(p.alice_qrng_seed, _CHOICE, np.arange(lo, hi, dtype=np.int64))
+                n_sig = int(np.count_nonzero(_below(h, self._thr_signal)))
+                n_low = int(np.count_nonzero(_below(h, self._thr_decoy)))
+                counts[IntensityClass.SIGNAL] += n_sig
+                counts[IntensityClass.DECOY] += n_low - n_sig
+                counts[IntensityClass.VACUUM] += hi - lo - n_low
+            for lo in range(s_lo, s_hi, CHUNK):  # the sync pattern
+                hi = min(s_hi, lo + CHUNK)
+                h = hash_bits(p.link_seed, _SYNC, np.arange(lo, hi, dtype=np.int64))
+                bright = int(np.count_nonzero(_below(h, self._thr_sync)))
+                counts[IntensityClass.SYNC] += bright
+                counts[IntensityClass.VACUUM] += hi - lo - bright
+            at = max(at, s_hi)
         return counts
 
     def sync_slots(self, first: int, n: int) -> I64:
         """Bright slots of the public sync pattern in ``[first, first + n)``, ascending."""
         p = self.p
-        last = min(first + n, p.sync_end_slot)
-        if last <= first:
-            return np.empty(0, dtype=np.int64)
-        out = []
-        for lo in range(first, last, CHUNK):  # chunks bound the memory
-            slots = np.arange(lo, min(last, lo + CHUNK), dtype=np.int64)
-            out.append(slots[_below(hash_bits(p.link_seed, _SYNC, slots), self._thr_sync)])
+        out = [np.empty(0, dtype=np.int64)]
+        for s_lo, s_hi in p.sync_ranges(first, first + max(0, n)):
+            for lo in range(s_lo, s_hi, CHUNK):  # chunks bound the memory
+                slots = np.arange(lo, min(s_hi, lo + CHUNK), dtype=np.int64)
+                out.append(slots[_below(hash_bits(p.link_seed, _SYNC, slots), self._thr_sync)])
         return np.concatenate(out)
 
     def _eve(self, index: I64) -> tuple[npt.NDArray[np.bool_], U8, U8]:

@@ -195,10 +195,13 @@ def psk_path(cfg: AuthSection, environ: Mapping[str, str] | None = None) -> Path
 def load_psk(cfg: AuthSection, environ: Mapping[str, str] | None = None) -> bytes:
     """The PSK's bytes; :class:`AuthError` naming the file if it is missing,
     unreadable, accessible to group/other or shorter than ``MIN_PSK_BYTES``."""
-    return read_psk(psk_path(cfg, environ))
+    return read_psk(psk_path(cfg, environ), credential=not cfg.psk_file)
 
 
-def read_psk(path: Path) -> bytes:
+def read_psk(path: Path, *, credential: bool = False) -> bytes:
+    """``credential``: the file is a systemd credential, in the unit's private
+    credentials directory, which newer systemd (256 on) shows as mode 0440 with
+    an ACL for the service user: group read is allowed there, nothing else."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -215,7 +218,7 @@ def read_psk(path: Path) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise AuthError(f"pre-shared key file {path} is not a regular file")
         mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
+        if mode & (0o037 if credential else 0o077):
             raise AuthError(
                 f"pre-shared key file {path} is accessible to group/other (mode {mode:04o}); "
                 f"run chmod 600 {path}"
@@ -229,7 +232,7 @@ def read_psk(path: Path) -> bytes:
     if len(data) < MIN_PSK_BYTES:
         raise AuthError(
             f"pre-shared key file {path} holds {len(data)} bytes; at least {MIN_PSK_BYTES} "
-            "are needed (qnoded psk generate writes 1 MiB)"
+            "are needed (qnoded psk generate writes 512 KiB)"
         )
     return data
 

@@ -244,6 +244,9 @@ class _Engine(Generic[B]):
         self.hooks = hooks or BlockHooks()
         self.totals = BlockTotals()
         self._block: B | None = None
+        # Set while key generation is halted (a blinding signature, until an
+        # operator clears it): no block starts, the link and sifting go on.
+        self.halted: str | None = None
 
     @property
     def busy(self) -> bool:
@@ -298,7 +301,7 @@ class AliceBlocks(_Engine[_AliceBlock]):
     # -- start -----------------------------------------------------------------
     def maybe_start(self, sifted: dict[int, SiftedBatch]) -> Out:
         """Start a block if none is in flight and enough raw key has gathered."""
-        if self._block is not None:
+        if self._block is not None or self.halted is not None:
             return []
         seqs: list[int] = []
         total = 0
@@ -558,6 +561,10 @@ class BobBlocks(_Engine[_BobBlock]):
         if self._block is not None:
             raise BlockError(f"BLOCK_START {bid} while block {self._block.block_id} is in flight")
         seqs = field_of(msg, "seqs", np.int64).tolist()
+        if self.halted is not None:
+            for s in seqs:
+                sifted.pop(s, None)  # their raw key goes, unused: nothing waits on them
+            return abort_message(bid, f"halted: {self.halted}")
         n = scalar(msg, "n")
         qber_x = _float(msg, "qber_x")
         # Batches Alice skipped (hers were dropped) never join a block: let them go.

@@ -87,6 +87,7 @@ detectors[].count_rate_hz             gauge    qnoded_detector_count_rate_hertz{
 detectors[].temperature_k             gauge    qnoded_detector_temperature_kelvin{detector,channel}
 detectors[].bias_v                    gauge    qnoded_detector_bias_volts{detector,channel}
 detectors[].latched                   gauge    qnoded_detector_latched{detector,channel}
+detectors[].photocurrent_a            gauge    qnoded_detector_photocurrent_amperes{detector,...}
 time                                  gauge    qnoded_telemetry_timestamp_seconds
 time (scrape time minus it)           gauge    qnoded_telemetry_age_seconds
 interval_s                            gauge    qnoded_telemetry_interval_seconds
@@ -491,6 +492,11 @@ KEYED: tuple[Keyed, ...] = (
 # detectors[] entries: field, metric, help.
 DETECTOR_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("count_rate_hz", "qnoded_detector_count_rate_hertz", "Detector count rate."),
+    (
+        "photocurrent_a",
+        "qnoded_detector_photocurrent_amperes",
+        "DC through the detector; rising while the count rate collapses is blinding.",
+    ),
     ("temperature_k", "qnoded_detector_temperature_kelvin", "Detector temperature."),
     ("bias_v", "qnoded_detector_bias_volts", "Detector bias voltage."),
     ("latched", "qnoded_detector_latched", "1 while the detector is latched (blinded)."),

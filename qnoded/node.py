@@ -25,6 +25,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from qnoded.commands import (
 )
 from qnoded.config import NodeConfig
 from qnoded.contracts import DeviceKind, IntensityClass, Laser, LaserMode, TagBatch, TimeTagger
+from qnoded.detector_watch import DetectorWatch, WatchActions
 from qnoded.devices import DeviceManager
 from qnoded.etsi014 import Etsi014Server
 from qnoded.ingest import BatchError, BatchValidator
@@ -750,6 +752,7 @@ class Node:
             self._qber_alarmed = False
         else:
             del self._problems[code]
+            self._sync_halt()
         log.warning("alarm cleared by operator", fault=code)
         self.pub.raise_alarm(
             "info", f"{code}-cleared", f"{code} cleared by operator; raised again if it recurs"
@@ -899,6 +902,7 @@ class Node:
             except Exception as exc:  # noqa: BLE001 - a detector that cannot report is news
                 out.append({"name": det.name, "error": str(exc)})
                 continue
+            await self.detector_watch.review(det, st)
             out.append(
                 {
                     "name": st.name,
@@ -907,9 +911,28 @@ class Node:
                     "temperature_k": st.temperature_k,
                     "bias_v": st.bias_v,
                     "count_rate_hz": st.count_rate_hz,
+                    # Rises under bright light (a blinding attack): see detector_watch.
+                    "photocurrent_a": st.extra.get("photocurrent_a"),
                 }
             )
         return out
+
+    @cached_property
+    def detector_watch(self) -> DetectorWatch:
+        return DetectorWatch(WatchActions(self._problem, self._resolved, self._halt_keys))
+
+    def _halt_keys(self, code: str) -> None:
+        """No block starts while the fault ``code`` is active (an operator clears it)."""
+        for engine in (self.alice_blocks, self.bob_blocks):
+            if engine is not None and engine.halted != code:
+                engine.halted = code
+                log.error("key generation halted", fault=code)
+
+    def _sync_halt(self) -> None:
+        for engine in (self.alice_blocks, self.bob_blocks):
+            if engine is not None and engine.halted and engine.halted not in self._problems:
+                log.warning("key generation resumed", fault=engine.halted)
+                engine.halted = None
 
     async def _check_qber(self) -> None:
         q = self.stats.qber

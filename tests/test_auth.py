@@ -398,6 +398,17 @@ def test_psk_from_systemd_credentials(tmp_path: Path) -> None:
     assert load_psk(AuthSection(), environ=env) == data
     with pytest.raises(AuthError, match=f"{tmp_path / 'other'} does not exist"):
         load_psk(AuthSection(psk_credential="other"), environ=env)
+    # systemd >= 256 shows credentials as 0440 (an ACL for the service user): fine there,
+    # but never group-writable or other-readable, and a psk_file stays 0600-strict.
+    write(tmp_path / "qnoded-psk", data, 0o440)
+    assert load_psk(AuthSection(), environ=env) == data
+    for mode in (0o460, 0o444):
+        write(tmp_path / "qnoded-psk", data, mode)
+        with pytest.raises(AuthError, match="accessible to group/other"):
+            load_psk(AuthSection(), environ=env)
+    write(tmp_path / "plain", data, 0o440)
+    with pytest.raises(AuthError, match="accessible to group/other"):
+        load_psk(AuthSection(psk_file=str(tmp_path / "plain")))
 
 
 def test_psk_changed_after_import(tmp_path: Path) -> None:

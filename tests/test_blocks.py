@@ -288,3 +288,24 @@ def test_bbm92_block(tmp_path: Path) -> None:
     direct = estimation.finite_key_length_pairs(200_000, 200_000, 2000, out.leak_ec_bits)
     assert 0 < out.secret_bits <= direct.key_length
     assert pair.keys(pair.a_store) == pair.keys(pair.b_store)
+
+
+def test_a_halt_starts_no_block_at_alice_and_refuses_one_at_bob(tmp_path: Path) -> None:
+    """Key generation halted (a blinding signature): Alice starts nothing; a Bob
+    halted on his own refuses Alice's block, drops its raw key, and nothing is stored."""
+    a, b = link_batches(12, 20_000, 0.02)
+    pair = Pair(tmp_path)
+    pair.alice.halted = "detector-blinding"
+    assert pair.alice.maybe_start(a) == []
+    pair.alice.halted = None
+    pair.bob.halted = "detector-blinding"
+    pair.run(a, b)
+    (out_a,) = pair.a_hooks.outcomes
+    assert not out_a.accepted and out_a.reason == "peer: halted: detector-blinding"
+    assert pair.alice.totals.reasons == {"peer: halted": 1}
+    assert not set(b) & set(range(10)) and pair.keys(pair.b_store) == {}
+    assert pair.keys(pair.a_store) == {}
+    pair.bob.halted = None  # an operator cleared it: the next block makes key
+    a2, b2 = link_batches(12, 20_000, 0.02, seed=2)
+    pair.run(a2, b2)
+    assert pair.a_hooks.outcomes[-1].accepted and pair.b_hooks.outcomes[-1].accepted

@@ -131,10 +131,22 @@ def check_status(rc: int, fn: str, times: dict[str, I64] | None = None) -> None:
     raise KernelInputError(f"{fn}: {messages.get(rc, f'C kernel error {rc}')}")
 
 
+_ARRAY_TYPES: dict[str, str] = {}
+
+
 def pointer(ctype: str, a: Any) -> Any:
-    # from_buffer shares the array's memory (no copy); an empty array has no
-    # buffer worth passing, and the C code never reads a pointer with n == 0.
-    return ffi.cast(ctype, ffi.from_buffer(a)) if a.shape[0] else ffi.NULL
+    """A ``ctype`` (``"uint8_t *"``) pointer into the array's memory, no copy.
+
+    An empty array has no buffer worth passing, and the C code never reads a
+    pointer with n == 0.  ``from_buffer`` typed as an array (not cast from a
+    ``char[]``) halves the cost: Cascade makes tens of thousands of these.
+    """
+    if not a.shape[0]:
+        return ffi.NULL
+    array_type = _ARRAY_TYPES.get(ctype)
+    if array_type is None:
+        array_type = _ARRAY_TYPES.setdefault(ctype, ctype.removesuffix("*").strip() + "[]")
+    return ffi.from_buffer(array_type, a)
 
 
 def _gain(track_gain: float) -> float:

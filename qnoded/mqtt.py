@@ -8,11 +8,12 @@ Topics under ``qkd/v1/<node_id>/``:
 - ``alarms``: JSON ``{"node_id", "severity", "code", "message", "time"}``, QoS 1.
 - ``keys/<peer_id>``: one message per key, QoS 1, never retained: JSON
   ``{"key_ID", "key" (Base64), "length_bits", "block_id", "node_id", "peer_id"}``.
-  Keys come from the key store (:meth:`TelemetryPublisher.attach_keys`) and
-  are deleted there once the broker has acknowledged them; a key whose
-  publication failed half-way may have reached the broker, so it is destroyed,
-  never sent again (at most once).  Only authorised clients may read the topic
-  (the production broker's ACL, ``qnoded/data/mosquitto-acl.conf``).
+  Keys come from the key store (:meth:`TelemetryPublisher.attach_keys`),
+  ``KEY_BATCH`` in flight at once, and are deleted there once the broker has
+  acknowledged them; a key whose publication failed half-way may have reached
+  the broker, so it is destroyed, never sent again (at most once).  Only
+  authorised clients may read the topic (the production broker's ACL,
+  ``qnoded/data/mosquitto-acl.conf``).
 - ``cmd/<name>``: operator commands, read (QoS 1) once the node attaches a
   handler (:meth:`TelemetryPublisher.attach_commands`); each is answered on
   ``cmd/<name>/result`` (QoS 1, not retained), see :mod:`qnoded.commands`.
@@ -51,7 +52,7 @@ from qnoded.commands import Incoming
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from qnoded.keystore import KeyStore
+    from qnoded.keystore import Key, KeyStore
 
 log = structlog.get_logger("qnoded.mqtt")
 audit = structlog.get_logger("qnoded.audit")
@@ -422,19 +423,18 @@ class TelemetryPublisher:
         while keys := store.take(KEY_BATCH):
             done: list[Any] = []
             started = 0  # keys whose publication began
+            failure: BaseException | None = None
             try:
-                for key in keys:
-                    doc = {
-                        "key_ID": str(key.key_id),
-                        "key": base64.b64encode(key.material).decode(),
-                        "length_bits": key.bits,
-                        "block_id": str(key.block_id),
-                        "node_id": self.node_id,
-                        "peer_id": self._key_peer,
-                    }
-                    started += 1
-                    await self._publish(client, leaf, json.dumps(doc).encode(), qos=1)
-                    done.append(key.key_id)
+                payloads = [self._key_payload(key) for key in keys]
+                started = len(keys)
+                # The whole batch in flight at once (QoS 1, one PUBACK each):
+                # one broker round trip per batch, not per key.
+                results = await asyncio.gather(
+                    *(self._publish(client, leaf, p, qos=1) for p in payloads),
+                    return_exceptions=True,
+                )
+                done = [k.key_id for k, r in zip(keys, results, strict=True) if r is None]
+                failure = next((r for r in results if isinstance(r, BaseException)), None)
             finally:
                 # What was acknowledged is delivered; a key whose publication
                 # began but was not confirmed may have reached the broker, so
@@ -443,8 +443,9 @@ class TelemetryPublisher:
                 store.release(k.key_id for k in keys[started:])
                 store.delivered(k.key_id for k in keys[:started])
                 self.keys_delivered += len(done)
-                lost = started - len(done)
-                self.keys_destroyed += lost
+                confirmed = set(done)
+                lost = [k.key_id for k in keys[:started] if k.key_id not in confirmed]
+                self.keys_destroyed += len(lost)
                 if done:
                     audit.info(
                         "key delivered",
@@ -453,13 +454,26 @@ class TelemetryPublisher:
                         key_ids=[str(k) for k in done],
                     )
                 if lost:
-                    log.warning("keys destroyed: publication not confirmed", keys=lost)
+                    log.warning("keys destroyed: publication not confirmed", keys=len(lost))
                     audit.info(
                         "key destroyed undelivered",
                         interface="mqtt",
                         reason="publication not confirmed",
-                        key_ids=[str(k.key_id) for k in keys[len(done) : started]],
+                        key_ids=[str(k) for k in lost],
                     )
+            if failure is not None:
+                raise failure  # the connection loop reconnects
+
+    def _key_payload(self, key: Key) -> bytes:
+        doc = {
+            "key_ID": str(key.key_id),
+            "key": base64.b64encode(key.material).decode(),
+            "length_bits": key.bits,
+            "block_id": str(key.block_id),
+            "node_id": self.node_id,
+            "peer_id": self._key_peer,
+        }
+        return json.dumps(doc).encode()
 
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         while True:

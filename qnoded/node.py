@@ -42,7 +42,15 @@ from qnoded.commands import (
     rotate_log_level,
 )
 from qnoded.config import NodeConfig
-from qnoded.contracts import DeviceKind, IntensityClass, Laser, LaserMode, TagBatch, TimeTagger
+from qnoded.contracts import (
+    DeviceError,
+    DeviceKind,
+    IntensityClass,
+    Laser,
+    LaserMode,
+    TagBatch,
+    TimeTagger,
+)
 from qnoded.detector_watch import DetectorWatch, WatchActions
 from qnoded.devices import DeviceManager
 from qnoded.etsi014 import Etsi014Server
@@ -492,7 +500,7 @@ class Node:
         elif was_locked and alice.clock is None and self.laser is not None:
             # Bob's time base changed: lock afresh on the source's public sync
             # pattern (the KEY stream's pulses give no lock to find).
-            await self.laser.set_mode(LaserMode.SYNC)
+            await self._laser_mode(LaserMode.SYNC)
             if not self._problems:
                 await self._set_state("locking", "peer time base changed, re-locking")
         await channel.send(peer.MsgType.SIFT, peer.encode_arrays(reply))
@@ -541,17 +549,28 @@ class Node:
         self.save_clock()  # none now: a restart must not bring the old model back
         if self.laser is not None:
             # BB84 locks on the source's public sync pattern (Calderaro et al. 2020).
-            await self.laser.set_mode(LaserMode.SYNC)
+            await self._laser_mode(LaserMode.SYNC)
         log.info("clock lock released", was_locked=was_locked, paused=self.hold.paused is not None)
         if not self._problems:
             await self._set_state("locking", "re-locking the clock (operator request)")
+
+    async def _laser_mode(self, mode: LaserMode) -> None:
+        """Switch the source's mode; an instrument error is a fault (alarm, degraded),
+        not the end of the node: the next switch tries again."""
+        assert self.laser is not None
+        try:
+            await self.laser.set_mode(mode)
+        except DeviceError as exc:
+            await self._problem("laser", f"laser {self.laser.name!r}: mode {mode} failed: {exc}")
+            return
+        await self._resolved("laser")
 
     async def _on_locked(self) -> None:
         clock = self.alice.clock if self.alice else None
         if clock is not None:
             log.info("clock locked", offset_ps=round(clock.offset_ps), drift_ppm=clock.drift_ppm)
         if self.laser is not None:
-            await self.laser.set_mode(LaserMode.KEY)
+            await self._laser_mode(LaserMode.KEY)
         self.save_clock()
         await self._resolved("lock")
         if not self._problems:

@@ -270,6 +270,10 @@ class CascadeBob:
         # lockstep so that a round trip serves them all; bits flip between waves.
         self._wave: dict[int, _Searches] = {}
         self._found: list[I64] = []
+        # Per pass, the blocks that may have turned odd since its last wave: only
+        # those holding a flipped bit (None: all, for a pass just activated).
+        # Scanning a pass's every block each wave cost more than the searches.
+        self._suspects: list[I64 | None] = []
         self.corrected = 0
         self.rounds = 0
         self._activate()
@@ -282,6 +286,7 @@ class CascadeBob:
         known[1 :: 2 * kp] = self._alice_top[p]
         self._known.append(known)
         self._bob_par.append(block_parities(self.bits, self.plan, p))
+        self._suspects.append(None)
         self._active += 1
 
     def _step(self, p: int, srch: _Searches, answers: U8) -> tuple[I64, I64] | None:
@@ -373,11 +378,26 @@ class CascadeBob:
             "qp_flip",
         )
         self.corrected += int(idx.shape[0])
+        for p in range(npass):
+            held = self._suspects[p]
+            if held is not None:
+                blocks = invs[p][idx].astype(np.int64) // int(ks[p])
+                self._suspects[p] = np.concatenate([held, blocks])
         if self.corrected > self.max_corrected:
             raise NotConvergingError(
                 f"did not converge: {self.corrected} corrections, at most "
                 f"{self.max_corrected} expected"
             )
+
+    def _odd_blocks(self, p: int) -> I64:
+        """Pass ``p``'s blocks whose parities differ now (and forget the suspects)."""
+        held = self._suspects[p]
+        self._suspects[p] = np.empty(0, dtype=np.int64)
+        if held is None:
+            return np.flatnonzero(self._bob_par[p] ^ self._alice_top[p]).astype(np.int64)
+        cand = np.unique(held)
+        odd: I64 = cand[(self._bob_par[p][cand] ^ self._alice_top[p][cand]) == 1]
+        return odd
 
     def next_query(self, answers: U8 | None = None) -> Query | None:
         """The next question for Alice, given her answers to the last; None when done."""
@@ -397,7 +417,7 @@ class CascadeBob:
             self._flip_found()
         while True:
             for p in range(self._active):
-                odd = np.flatnonzero(self._bob_par[p] ^ self._alice_top[p]).astype(np.int64)
+                odd = self._odd_blocks(p)
                 if odd.shape[0]:
                     self._wave[p] = _Searches(
                         blocks=odd,

@@ -8,6 +8,7 @@ format.  A redaction processor drops values of keys that may hold secrets.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -32,9 +33,13 @@ def redact_secrets(
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     """Configure structlog and the stdlib root logger once per process.
 
-    ``json=None`` picks JSON when stderr is not a terminal (under systemd).
+    Log lines go to stdout under systemd (``$JOURNAL_STREAM`` set: journald
+    keeps them, one JSON object a line), to stderr otherwise, so that what a
+    command prints on stdout stays its own.  ``json=None`` picks JSON when that
+    stream is not a terminal.
     """
-    use_json = (not sys.stderr.isatty()) if json is None else json
+    stream = sys.stdout if os.environ.get("JOURNAL_STREAM") else sys.stderr
+    use_json = (not stream.isatty()) if json is None else json
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -45,7 +50,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
         processors=[
@@ -63,7 +68,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

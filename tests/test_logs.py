@@ -62,3 +62,24 @@ def test_audit_events_survive_a_quiet_log_level() -> None:
         structlog.reset_defaults()
         root.handlers[:], root.level = saved[0], saved[1]
         logging.getLogger("qnoded.audit").setLevel(saved[2])
+
+
+def test_under_systemd_json_lines_go_to_stdout(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        monkeypatch.setenv("JOURNAL_STREAM", "8:12345")  # what systemd sets for journald
+        configure_logging("info")
+        structlog.get_logger("qnoded.node").info("state", state="running")
+        out, err = capsys.readouterr()
+        assert err == "" and json.loads(out)["state"] == "running"
+        monkeypatch.delenv("JOURNAL_STREAM")
+        configure_logging("info")
+        structlog.get_logger("qnoded.node").info("state", state="locking")
+        out, err = capsys.readouterr()
+        assert out == "" and json.loads(err)["state"] == "locking"  # not a terminal: JSON
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], root.level = saved[0], saved[1]

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,11 @@ PEER_ERRORS = (
     EOFError,
     asyncio.IncompleteReadError,
 )
+
+
+# A reopened tagger stream whose first batch starts this far after the last
+# one (or before it) has a new clock; within it, the same clock ran on.
+MAX_TAGGER_GAP_PS = 3600 * 10**12
 
 
 def _backoff(attempt: int, cap_s: float = 5.0) -> float:
@@ -322,20 +327,22 @@ class Node:
     async def _tagger_loop(self, tagger: TimeTagger) -> None:
         """Read batches, validate, hand them on; reopen the stream on failure."""
         attempt = 0
-        opened = False
+        if self.bob is not None:
+            self.bob.epoch = secrets.randbits(62)
+        resumed_after: int | None = None  # the last stop time before a reopen
+        seq_offset = 0  # batch numbers stay increasing across a tagger that restarted
         while True:
-            # A reopened stream may restart the tagger's clock: a new time base.
-            if self.bob is not None:
-                self.bob.epoch = secrets.randbits(62)  # Alice locks afresh on it
-            elif self.alice is not None and opened:
-                self.alice.unlock()  # BBM92: Alice's own clock is one side of the model
-            if opened:
-                # Times before and after are on different clocks: no order between them.
-                self.validator.last_stop_ps = None
-            opened = True
             try:
-                async for batch in tagger.stream():
+                async for raw in tagger.stream():
                     attempt = 0
+                    batch = replace(raw, seq=raw.seq + seq_offset) if seq_offset else raw
+                    if resumed_after is not None:
+                        if self._time_base_check(resumed_after, batch):
+                            # It counts its batches from the start again, too.
+                            shift = max(0, self.validator.last_seq + 1 - batch.seq)
+                            seq_offset += shift
+                            batch = replace(batch, seq=batch.seq + shift)
+                        resumed_after = None
                     try:
                         self.validator.check(batch)
                     except BatchError as exc:
@@ -351,8 +358,32 @@ class Node:
                 raise
             except Exception as exc:  # noqa: BLE001 - a driver may raise anything; contain it here
                 await self._problem("tagger", f"time tagger {tagger.name!r} failed: {exc}")
+                if resumed_after is None and self.validator.last_stop_ps is not None:
+                    resumed_after = self.validator.last_stop_ps
                 attempt += 1
                 await asyncio.sleep(_backoff(attempt))
+
+    def _time_base_check(self, last_stop_ps: int, batch: TagBatch) -> bool:
+        """The first batch of a reopened stream: did the tagger's clock go on?
+
+        A tagger that kept running (a cable or a connection dropped) continues
+        where it stopped, and the clock model still holds; one that restarted
+        counts from elsewhere (zero, mostly): a new time base, so Alice locks
+        afresh (Bob's TAGS name it), and the batch order starts over.  True then.
+        """
+        if 0 <= batch.start_ps - last_stop_ps <= MAX_TAGGER_GAP_PS:
+            return False
+        log.warning(
+            "time tagger clock restarted: a new time base, locking afresh",
+            last_stop_ps=last_stop_ps,
+            first_start_ps=batch.start_ps,
+        )
+        self.validator.last_stop_ps = None
+        if self.bob is not None:
+            self.bob.epoch = secrets.randbits(62)
+        elif self.alice is not None:
+            self.alice.unlock()  # BBM92: Alice's own clock is one side of the model
+        return True
 
     async def _deliver(self, batch: TagBatch) -> None:
         if self.alice is not None:

@@ -820,6 +820,9 @@ class PeerLink:
         ch.peer_name = self.peer_id
 
     async def _offer(self, ch: PeerChannel) -> None:
+        if self._tg is None:  # the link closed while this handshake finished
+            await ch.close()
+            return
         async with self._changed:
             old, self._current = self._current, ch
             self.connects += 1
@@ -855,6 +858,9 @@ class PeerLink:
             self._log.error("peer rejected", address=ch.address, error=self.last_error)
             await ch.close()
             return
+        except BaseException:  # cancelled mid-handshake (the link is closing): no leak
+            await asyncio.shield(ch.close())
+            raise
         await self._offer(ch)
 
     # -- Bob ------------------------------------------------------------------

@@ -12,6 +12,21 @@ import structlog
 from qnoded.broker import MosquittoBroker
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("qnoded hardware in the loop (tests/test_hil.py)")
+    group.addoption(
+        "--hil-target",
+        choices=("emulators", "bench"),
+        default="emulators",
+        help="instruments: the hil/ emulators (default) or a real bench",
+    )
+    group.addoption(
+        "--hil-bob-config",
+        default="",
+        help="with --hil-target bench: Bob's node config naming the real devices",
+    )
+
+
 @pytest.fixture(scope="session")
 def mqtt_broker() -> Iterator[tuple[str, int]]:
     """One broker for the session, on a free port (not the machine's 1883)."""

@@ -66,6 +66,9 @@ class FaultyTagger(SimTimeTagger):
                     raise RuntimeError("USB transfer failed (injected)")
                 if self.fault == "stall":  # a hung USB read: nothing fails, nothing moves
                     await asyncio.sleep(self.stall_s)
+                if self.fault == "restart":  # power-cycled: the next stream counts from 0
+                    self._cursor = None
+                    raise RuntimeError("device reset (injected)")
                 if self.fault == "unsorted" and len(batch) > 2:
                     t = batch.timestamps_ps.copy()
                     t[0], t[1] = t[1] + 1, t[0]
@@ -293,6 +296,33 @@ def test_systemd_notify_ready_after_lock_then_watchdog_and_stopping(
         assert "STOPPING=1" in tail
     finally:
         sock.close()
+
+
+def test_a_tagger_whose_clock_restarted_is_a_new_time_base(
+    nodes_factory: Any, mqtt_broker: tuple[str, int], tmp_path: Path
+) -> None:
+    """A reopened stream that counts from zero again: the node says so once, takes it
+    as a new time base (Bob's TAGS carry a new epoch, Alice's model is void) and its
+    batches are accepted, not refused as out of order."""
+    site = _plugin(tmp_path)
+    nodes = nodes_factory(
+        args=_args(), bob_tagger={"driver": "faulty-tagger", "fault": "restart", "at": 150}
+    )
+    nodes.env["PYTHONPATH"] = os.pathsep.join([str(site), nodes.env.get("PYTHONPATH", "")])
+    nodes.start("alice")
+    nodes.start("bob")
+
+    def restarted(seen: dict[str, list[dict[str, Any]]]) -> bool:
+        cleared = any(a["code"] == "tagger-cleared" for a in seen["alarms"])
+        return cleared and bool(seen["telemetry"]) and seen["telemetry"][-1]["batches"] > 0
+
+    seen = asyncio.run(watch(mqtt_broker, "bob", restarted))
+    log = nodes.log("bob")
+    restarts = [e for e in log if e.get("event", "").startswith("time tagger clock restarted")]
+    assert len(restarts) == 1 and restarts[0]["first_start_ps"] < restarts[0]["last_stop_ps"]
+    assert not [a for a in seen["alarms"] if a["code"] == "bad-batch"]  # not refused
+    assert seen["telemetry"][-1]["rejected_batches"] == 0
+    assert nodes.procs["bob"].poll() is None
 
 
 def test_watchdog_pings_stop_while_the_pipeline_is_stalled(

@@ -23,6 +23,11 @@ calls (:class:`WatchActions`):
   the light was an attack is for a person to judge, not for the next
   telemetry interval.
 
+- **No answer.**  A detector whose status cannot be read (a dropped line,
+  garbage, an instrument error) raises a ``detector-<name>`` fault with the
+  driver's message, which names the device and the command; it clears by itself
+  at the next good reading.
+
 Baselines are moving averages over intervals that look healthy, after
 :data:`WARMUP` of them; a detector without a photocurrent reading gets the
 latch logic only.
@@ -51,6 +56,10 @@ def latch_code(name: str) -> str:
     return f"detector-latched-{name}"
 
 
+def silent_code(name: str) -> str:
+    return f"detector-{name}"
+
+
 @dataclass(slots=True)
 class WatchActions:
     """What the watch may do: the node's fault, recovery and halt calls."""
@@ -67,6 +76,7 @@ class _Track:
     current_a: float = 0.0
     resets: int = 0  # automatic resets since it last counted
     given_up: bool = False
+    silent: bool = False  # its last status read failed
 
 
 @dataclass(slots=True)
@@ -75,8 +85,19 @@ class DetectorWatch:
     max_resets: int = MAX_RESETS
     _tracks: dict[str, _Track] = field(default_factory=dict)
 
+    async def unanswered(self, det: Detector, exc: BaseException) -> None:
+        """``det.status()`` failed with ``exc``."""
+        track = self._tracks.setdefault(det.name, _Track())
+        track.silent = True
+        await self.actions.problem(
+            silent_code(det.name), f"detector {det.name} gives no status: {exc}", "warning"
+        )
+
     async def review(self, det: Detector, st: DetectorStatus) -> None:
         track = self._tracks.setdefault(st.name, _Track())
+        if track.silent:
+            track.silent = False
+            await self.actions.resolved(silent_code(st.name))
         if st.latched:
             await self._latched(det, st, track)
             return

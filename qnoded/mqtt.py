@@ -97,7 +97,7 @@ class MqttSettings:
         self, *, identifier: str | None = None, will: aiomqtt.Will | None = None
     ) -> aiomqtt.Client:
         """A fresh aiomqtt client (MQTT v5) for these settings; reusable, not reentrant."""
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.host,
             self.port,
             identifier=identifier or self.client_id,
@@ -109,6 +109,10 @@ class MqttSettings:
             protocol=aiomqtt.ProtocolVersion.V5,
             timeout=PUBLISH_TIMEOUT_S,
         )
+        # aiomqtt warns (a log line per publish) past 10 publishes awaiting their
+        # acknowledgement; a key batch has KEY_BATCH in flight on purpose.
+        client.pending_calls_threshold = 2 * KEY_BATCH
+        return client
 
 
 def topic(node_id: str, leaf: str) -> str:

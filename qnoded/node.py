@@ -904,6 +904,9 @@ class Node:
             rates["secret_key_bits_per_s"] = (secret - prev_secret) / dt
             prev_secret = secret
             prev, prev_t = cur, now
+            # One status read per detector per interval (a serial round trip
+            # each): the channel rates come from the same readings.
+            detectors = await self._detector_states()
             payload = (
                 self.summary()
                 | rates
@@ -911,8 +914,10 @@ class Node:
                     "time": time.time(),
                     "interval_s": dt,
                     "qber_interval": interval_qber,
-                    "channel_rates_hz": await self._channel_rates(),
-                    "detectors": await self._detector_states(),
+                    "channel_rates_hz": {
+                        str(d["channel"]): d["count_rate_hz"] for d in detectors if "error" not in d
+                    },
+                    "detectors": detectors,
                 }
             )
             self.pub.publish_telemetry(payload)
@@ -936,14 +941,6 @@ class Node:
                 "their session was dropped, no block from it is kept",
             )
 
-    async def _channel_rates(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for det in self.devices.detectors:
-            with contextlib.suppress(Exception):
-                st = await det.status()
-                out[str(st.channel)] = st.count_rate_hz
-        return out
-
     async def _detector_states(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for det in self.devices.detectors:
@@ -951,6 +948,7 @@ class Node:
                 st = await det.status()
             except Exception as exc:  # noqa: BLE001 - a detector that cannot report is news
                 out.append({"name": det.name, "error": str(exc)})
+                await self.detector_watch.unanswered(det, exc)
                 continue
             await self.detector_watch.review(det, st)
             out.append(

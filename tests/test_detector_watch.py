@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 from test_scpi_detector import SerialDetectorEmulator, _detector
 
-from qnoded.detector_watch import BLINDING, MAX_RESETS, DetectorWatch, WatchActions, latch_code
+from qnoded.contracts import DeviceError
+from qnoded.detector_watch import (
+    BLINDING,
+    MAX_RESETS,
+    DetectorWatch,
+    WatchActions,
+    latch_code,
+    silent_code,
+)
 
 
 class Recorder:
@@ -101,3 +109,24 @@ async def test_a_latch_that_comes_back_gets_bounded_resets_then_an_alarm(
         assert await det.reset_latch()
         await watch.review(det, await det.status())
     assert rec.calls[-1] == ("resolved", latch_code("det0"))
+
+
+@pytest.mark.asyncio
+async def test_a_detector_that_answers_garbage_is_a_fault_until_it_answers(
+    emulator: SerialDetectorEmulator,
+) -> None:
+    rec = Recorder()
+    watch = rec.watch()
+    async with _detector(emulator.link) as det:
+        await watch.review(det, await det.status())
+        emulator.control("EMU:FAULT GARBAGE 1")
+        with pytest.raises(DeviceError) as exc:
+            await det.status()
+        await watch.unanswered(det, exc.value)
+        await watch.review(det, await det.status())  # it answers again
+    assert rec.calls == [
+        ("problem", silent_code("det0"), "warning"),
+        ("resolved", silent_code("det0")),
+    ]
+    message = rec.messages[silent_code("det0")]
+    assert "det0" in message and "MEAS" in message  # the device and the command

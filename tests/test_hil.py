@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from test_scpi_detector import SerialDetectorEmulator
-from test_tcp_tagger import EmulatorProcess, _bb84_args, inject
+from test_tcp_tagger import EmulatorProcess, _bb84_args, scpi
 
 from qnoded.broker import free_port
 from qnoded.demo import demo_psk, link_parameters, node_config, spawn_node, stop_node
@@ -186,8 +186,12 @@ def test_tagger_unplugged_degrades_and_recovers_within_5_s(rig: Any) -> None:
         cleared = [at for at, a in seen["alarms"] if a["code"] == "tagger-cleared"]
         return bool(cleared) and sifting(seen, after=cleared[0])
 
-    # Every connection aborted, as an unplugged cable; the emulator itself stays up.
-    seen, t_fault = asyncio.run(watch_bob(r, back, fault=lambda: inject(tagger, "drop")))
+    async def unplug() -> None:
+        # Every connection aborted, as an unplugged cable; the emulator itself stays
+        # up.  Our own control connection goes too, so no SYST:ERR? after it.
+        await scpi(tagger, "EMU:FAULT drop")
+
+    seen, t_fault = asyncio.run(watch_bob(r, back, fault=unplug))
     raised = [(at, a) for at, a in seen["alarms"] if a["code"] == "tagger"]
     cleared = [(at, a) for at, a in seen["alarms"] if a["code"] == "tagger-cleared"]
     assert raised and cleared
@@ -225,3 +229,21 @@ def test_blinding_on_the_wire_raises_the_alarm(rig: Any) -> None:
     alarm = next(a for _, a in seen["alarms"] if a["code"] == "detector-blinding")
     assert alarm["severity"] == "critical" and "det0" in alarm["message"]
     assert any(e.get("event") == "key generation halted" for e in r.log("bob"))
+
+
+def test_detector_garbage_is_an_alarm_naming_device_and_command(rig: Any) -> None:
+    r, _, det = rig
+    if det is None:
+        pytest.skip("the drill needs the emulator")
+
+    async def garbage() -> None:
+        det.control("EMU:FAULT GARBAGE 1")  # one answer of line noise
+
+    def cleared(seen: Seen) -> bool:
+        return any(a["code"] == "detector-det0-cleared" for _, a in seen["alarms"])
+
+    seen, _ = asyncio.run(watch_bob(r, cleared, fault=garbage))
+    alarm = next(a for _, a in seen["alarms"] if a["code"] == "detector-det0")
+    assert "det0" in alarm["message"] and "MEAS" in alarm["message"]  # device and command
+    assert r.procs["bob"].poll() is None  # no crash: the next reading cleared it
+    assert sifting(seen)

@@ -245,7 +245,9 @@ class _Engine(Generic[B]):
         self.totals = BlockTotals()
         self._block: B | None = None
         # Set while key generation is halted (a blinding signature, until an
-        # operator clears it): no block starts, the link and sifting go on.
+        # operator clears it): no block starts, one in flight is aborted before
+        # anything is stored (after PREPARED it completes: Alice has committed),
+        # the link and sifting go on.
         self.halted: str | None = None
 
     @property
@@ -369,6 +371,8 @@ class AliceBlocks(_Engine[_AliceBlock]):
     # -- messages from Bob -----------------------------------------------------
     def on_query(self, msg: Mapping[str, npt.NDArray[Any]]) -> Out:
         blk = self._current(msg)
+        if self.halted is not None:  # its raw key may come from the halt's cause
+            return self._abort(blk, f"halted: {self.halted}")
         query = reconcile.Query(
             pass_index=field_of(msg, "pass", np.int64),
             start=field_of(msg, "start", np.int64),
@@ -382,6 +386,8 @@ class AliceBlocks(_Engine[_AliceBlock]):
 
     def on_done(self, msg: Mapping[str, npt.NDArray[Any]]) -> Out:
         blk = self._current(msg)
+        if self.halted is not None:
+            return self._abort(blk, f"halted: {self.halted}")
         n = int(blk.bits.shape[0])
         corrected = scalar(msg, "corrected")
         rounds = scalar(msg, "rounds")
@@ -647,10 +653,14 @@ class BobBlocks(_Engine[_BobBlock]):
 
     def on_answer(self, msg: Mapping[str, npt.NDArray[Any]]) -> Out:
         blk = self._current(msg)
+        if self.halted is not None:  # its raw key may come from the halt's cause
+            return self._abort(blk, f"halted: {self.halted}")
         return self._next(blk, field_of(msg, "parities", np.uint8))
 
     def on_verify(self, msg: Mapping[str, npt.NDArray[Any]]) -> Out:
         blk = self._current(msg)
+        if self.halted is not None:  # before anything is stored: the block goes
+            return self._abort(blk, f"halted: {self.halted}")
         bits = blk.cascade.bits
         n = int(bits.shape[0])
         points = field_of(msg, "points", np.int64)

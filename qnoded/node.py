@@ -970,11 +970,19 @@ class Node:
         return DetectorWatch(WatchActions(self._problem, self._resolved, self._halt_keys))
 
     def _halt_keys(self, code: str) -> None:
-        """No block starts while the fault ``code`` is active (an operator clears it)."""
+        """No block starts while the fault ``code`` is active (an operator clears it).
+
+        The raw key sifted so far goes too: the cause (a blinding attack) began
+        before it showed, so none of it is trusted; the peer drops its copy when
+        the next block names batches this node no longer has.
+        """
         for engine in (self.alice_blocks, self.bob_blocks):
             if engine is not None and engine.halted != code:
                 engine.halted = code
                 log.error("key generation halted", fault=code)
+        for sifting in (self.alice, self.bob):
+            if sifting is not None:
+                sifting.sifted.clear()
 
     def _sync_halt(self) -> None:
         for engine in (self.alice_blocks, self.bob_blocks):

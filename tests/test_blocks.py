@@ -309,3 +309,22 @@ def test_a_halt_starts_no_block_at_alice_and_refuses_one_at_bob(tmp_path: Path) 
     a2, b2 = link_batches(12, 20_000, 0.02, seed=2)
     pair.run(a2, b2)
     assert pair.a_hooks.outcomes[-1].accepted and pair.b_hooks.outcomes[-1].accepted
+
+
+def test_a_halt_aborts_the_block_in_flight_before_anything_is_stored(tmp_path: Path) -> None:
+    """Halted mid-block (the signature showed during error correction): the block is
+    aborted at the next message, before either store holds any of it."""
+    a, b = link_batches(12, 20_000, 0.02)
+    pair = Pair(tmp_path)
+
+    def halt_mid_block(kind: peer.MsgType, msg: blocks.Message) -> blocks.Message:  # type: ignore[name-defined]
+        if kind is peer.MsgType.EC_ANSWER:
+            pair.bob.halted = "detector-blinding"
+        return msg
+
+    pair.run(a, b, tamper=halt_mid_block)
+    (out_a,) = pair.a_hooks.outcomes
+    assert not out_a.accepted and out_a.reason == "peer: halted: detector-blinding"
+    assert not pair.alice.busy and not pair.bob.busy
+    assert pair.keys(pair.a_store) == {} and pair.keys(pair.b_store) == {}
+    assert pair.b_store.pending_blocks() == []

@@ -33,8 +33,12 @@ class Notifier:
         payload = "\n".join(assignments).encode()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             try:
-                sock.sendto(payload, self._addr)
-            except OSError:
+                # Never wait: a receiver that does not read (its queue holds 10
+                # datagrams by default) would otherwise freeze the event loop,
+                # and with it the daemon.  A message it had no room for is lost,
+                # as systemd's own sd_notify loses it.
+                sock.sendto(payload, socket.MSG_DONTWAIT, self._addr)
+            except OSError:  # BlockingIOError (full), or nobody listening
                 return False
         return True
 

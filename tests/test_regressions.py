@@ -7,6 +7,7 @@ import json
 import struct
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiomqtt
 import pytest
@@ -68,3 +69,23 @@ async def test_exit_when_idle_says_stopped(broker: tuple[str, int]) -> None:
             await pub.status_published.wait()
             await pub.idle.wait()
     assert await _retained_state(*broker, node_id) == "stopped"
+
+
+def test_notify_never_blocks_on_a_receiver_that_does_not_read(tmp_path: Path) -> None:
+    """A NOTIFY_SOCKET nobody reads (its queue holds about 10 datagrams): sending
+    went on blocking, which froze the daemon's event loop (found by a HIL drill
+    whose test stopped reading for 8 s).  Now a message without room is dropped."""
+    import socket
+    import time
+
+    from qnoded.notify import Notifier
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(path))
+        notifier = Notifier(str(path))
+        t0 = time.monotonic()
+        sent = [notifier.watchdog() for _ in range(200)]
+        assert time.monotonic() - t0 < 1.0
+        assert any(sent) and not all(sent)  # some queued, the rest dropped, none waited
+        assert receiver.recv(64) == b"WATCHDOG=1"

@@ -538,8 +538,8 @@ class BobBlocks(_Engine[_BobBlock]):
             raise BlockError("RECOVER_REPLY: ids and answers do not match")
         for i, ok in enumerate(committed.tolist()):
             bid = uuid.UUID(bytes=ids[16 * i : 16 * i + 16].tobytes())
-            record = self.store.block_record(bid)
-            if record is None or self.store.block_state(bid) != "pending":
+            record = self.store.pending_block(bid)
+            if record is None:
                 continue
             # The block's outcome waited for this answer (reset() left it open).
             n_keys, stats = record

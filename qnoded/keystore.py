@@ -159,10 +159,11 @@ class KeyStore:
         ).fetchone()
         return None if row is None else row[0]
 
-    def block_record(self, block_id: uuid.UUID) -> tuple[int, dict[str, Any]] | None:
-        """A stored block's key count and public statistics (None if unknown)."""
+    def pending_block(self, block_id: uuid.UUID) -> tuple[int, dict[str, Any]] | None:
+        """A pending block's key count and public statistics (None unless pending here)."""
         row = self._db.execute(
-            "SELECT n_keys, stats FROM blocks WHERE block_id = ?", (str(block_id),)
+            "SELECT n_keys, stats FROM blocks WHERE block_id = ? AND state = 'pending'",
+            (str(block_id),),
         ).fetchone()
         return None if row is None else (int(row[0]), dict(json.loads(row[1])))
 

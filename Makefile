@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 DEMO_SECONDS ?= 30
 DEMO_ARGS ?=
 
-.PHONY: demo test deps bench clean
+.PHONY: demo test deps bench clean fuzz
 
 demo: $(VENV)/.installed
 	$(BIN)/qnoded demo --seconds $(DEMO_SECONDS) $(DEMO_ARGS)
@@ -24,19 +24,43 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_post.py
 
 # System packages: the broker, a C compiler and Python headers for the cffi
-# build, venv support.  Installed only when missing; sudo only when not root.
+# build, venv support, and clang with its libFuzzer runtime for the fuzz
+# harnesses (csrc/fuzz/; the suite runs them briefly).  Installed only when
+# missing; sudo only when not root.  The libFuzzer runtime comes with clang
+# where apt installs recommended packages (Debian 12: libclang-rt-14-dev, a
+# recommend of libclang-common-14-dev); elsewhere the second step adds it.
 deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v cc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	command -v clang >/dev/null 2>&1 || missing="$$missing clang"; \
 	[ -e /usr/include/gmp.h ] || [ -e /usr/include/$$(uname -m)-linux-gnu/gmp.h ] || missing="$$missing libgmp-dev"; \
 	$(PYTHON) -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"],"Python.h")))' || missing="$$missing python3-dev"; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
-	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y $$missing; \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y $$missing || exit 1; \
+	fi; \
+	fuzzer_rt=$$(clang -print-file-name=libclang_rt.fuzzer-$$(uname -m).a); \
+	if [ ! -f "$$fuzzer_rt" ]; then \
+	  rt=libclang-rt-$$(clang -dumpversion | cut -d. -f1)-dev; \
+	  echo "installing the libFuzzer runtime: $$rt"; \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y $$rt; \
 	fi
+
+# Coverage-guided fuzzing of every C entry point (csrc/fuzz/fuzz_*.c) with
+# libFuzzer, AddressSanitizer and UBSan: FUZZ_RUNS executions per harness
+# (at most FUZZ_MAX_TIME seconds each), one harness per core at a time, a
+# corpus kept in build/fuzz/corpus/.  Prints executions, seconds and crashes
+# per entry point; a finding fails the target, its input saved in
+# build/fuzz/artifacts/.  The build and run logic is csrc/fuzz/fuzz.py, which
+# tests/test_kernel_libfuzzer.py also runs, briefly, in `make test`.
+#   make fuzz FUZZ_RUNS=100000
+FUZZ_RUNS ?= 1000000
+FUZZ_MAX_TIME ?= 3600
+fuzz: deps
+	$(PYTHON) csrc/fuzz/fuzz.py --runs $(FUZZ_RUNS) --max-time $(FUZZ_MAX_TIME) --corpus
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h) csrc/build_qkernel.py | deps
 	$(PYTHON) -m venv $(VENV)
@@ -54,7 +78,7 @@ clean:
 # DESTDIR stages all of it under another root (packages, tests), and then
 # nothing runs on the live system.  Building from this tree needs gcc,
 # libgmp-dev, python3-dev and python3-venv (`make deps` installs them, and
-# Mosquitto, which a node does not need).
+# Mosquitto and clang, which a node does not need).
 #   make install PYTHON=/usr/bin/python3     the interpreter the venv is made from
 #   make install WHEEL=dist/qnoded-*.whl     install a prebuilt wheel
 #       (`pip wheel --no-deps -w dist .`): the same build on every node, no compiler there

@@ -35,6 +35,8 @@ CONSTANTS = (
     "QK_ECAPACITY",
     "QK_ENOTBIT",
     "QK_ERANGE",
+    "QP_ENOTCONVERGED",
+    "QP_MAX_PASSES",
     "QK_T_MIN",
     "QK_T_MAX",
     "QK_WINDOW_MAX",

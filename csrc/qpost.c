@@ -5,6 +5,7 @@
 
 #include <gmp.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and defined on every
@@ -40,7 +41,7 @@ int qp_permutation(uint64_t seed, int64_t n, int64_t frame, uint32_t *perm, uint
         /* The last frame takes the tail too (frame..2*frame-1 bits): a short
          * tail frame would be a single late-pass block, whose even error
          * patterns no late pass could split. */
-        len = (n - lo >= 2 * frame) ? frame : n - lo;
+        len = (n - lo - frame >= frame) ? frame : n - lo; /* 2 * frame may overflow */
         for (int64_t i = len - 1; i > 0; i--) {
             const uint64_t j = below(&state, (uint64_t)i + 1);
             const uint32_t tmp = perm[lo + i];
@@ -65,12 +66,15 @@ int qp_prefix_parity(const uint8_t *bits, const uint32_t *perm, int64_t n, uint8
     return QK_OK;
 }
 
-int qp_range_parity(const uint8_t *pre, int64_t n, const int64_t *start, const int64_t *end,
-                    int64_t nq, uint8_t *out) {
-    if (n < 0 || nq < 0 || !pre || (nq > 0 && (!start || !end || !out))) return QK_EINVAL;
+int qp_range_parity(const uint8_t *const *pre, int npass, int64_t n, const int64_t *pass,
+                    const int64_t *start, const int64_t *end, int64_t nq, uint8_t *out) {
+    if (n < 0 || nq < 0 || npass < 0 || (nq > 0 && (!pre || !pass || !start || !end || !out)))
+        return QK_EINVAL;
     for (int64_t q = 0; q < nq; q++) {
+        if (pass[q] < 0 || pass[q] >= npass || !pre[pass[q]]) return QK_EINVAL;
         if (start[q] < 0 || start[q] >= end[q] || end[q] > n) return QK_EINVAL;
-        out[q] = pre[end[q]] ^ pre[start[q]];
+        const uint8_t *p = pre[pass[q]];
+        out[q] = p[end[q]] ^ p[start[q]];
     }
     return QK_OK;
 }
@@ -115,76 +119,224 @@ static int node_range(int64_t node, int64_t lo, int64_t hi, int64_t *lo_out, int
     return QK_OK;
 }
 
-int qp_cascade_step(const uint8_t *bits, const uint32_t *perm, int64_t n, int64_t k,
-                    uint8_t *known, const int64_t *blk, int64_t *node, uint8_t *node_pending,
-                    const uint8_t *answers, int64_t ns, int64_t *q_start, int64_t *q_end,
-                    int64_t *err_out) {
-    if (n <= 0 || k <= 0 || ns < 0) return QK_EINVAL;
-    if (ns > 0 && (!bits || !perm || !known || !blk || !node || !node_pending || !answers ||
-                   !q_start || !q_end || !err_out))
-        return QK_EINVAL;
-    const int64_t kp = pow2_at_least(k);
-    const int64_t nblocks = (n + k - 1) / k;
-    for (int64_t s = 0; s < ns; s++) {
-        const int64_t b = blk[s];
-        int64_t nd = node[s];
-        if (b < 0 || b >= nblocks || nd < 1 || nd >= 2 * kp) return QK_EINVAL;
-        uint8_t *tree = known + b * 2 * kp;
-        const int64_t b_lo = b * k;
-        const int64_t b_hi = (n - b_lo > k) ? b_lo + k : n;
-        int64_t lo, hi;
-        if (node_range(nd, b_lo, b_hi, &lo, &hi) != QK_OK) return QK_EINVAL;
-        if (tree[nd] > 1) return QK_EINVAL; /* a search starts where Alice's parity is known */
-        if (node_pending[s]) {
-            if (2 * nd + 1 >= 2 * kp) return QK_EINVAL;
-            tree[2 * nd] = answers[s] & 1;
-            node_pending[s] = 0;
+/* Parity of x[lo..hi), bytes of 0 or 1: eight at a time, the low bits of the
+ * XORed words folded together at the end. */
+static uint8_t range_xor(const uint8_t *x, int64_t lo, int64_t hi) {
+    uint64_t acc = 0;
+    int64_t i = lo;
+    for (; i < hi && (i & 7); i++) acc ^= x[i];
+    for (; i + 8 <= hi; i += 8) {
+        uint64_t w;
+        memcpy(&w, x + i, 8);
+        acc ^= w;
+    }
+    for (; i < hi; i++) acc ^= x[i];
+    acc ^= acc >> 32;
+    acc ^= acc >> 16;
+    acc ^= acc >> 8;
+    return (uint8_t)(acc & 1);
+}
+
+/* Run one binary search down from its node while the left child's parity is
+ * known.  Returns the error's bit index at a leaf, or -1 with *pending set at
+ * a node whose left child Alice must be asked for; sets *bad on a search state
+ * that cannot be (the caller broke the state).  Bob's parities come from his
+ * key in the pass's order (bob), contiguous. */
+static int64_t search_step(const uint8_t *bob, const uint32_t *perm, int64_t n, int64_t k,
+                           int64_t kp, uint8_t *known, int64_t b, int64_t *node,
+                           uint8_t *pending, int *bad) {
+    int64_t nd = *node;
+    uint8_t *tree = known + b * 2 * kp;
+    const int64_t b_lo = b * k;
+    const int64_t b_hi = (n - b_lo > k) ? b_lo + k : n;
+    int64_t lo, hi;
+    if (nd < 1 || nd >= 2 * kp || node_range(nd, b_lo, b_hi, &lo, &hi) != QK_OK ||
+        tree[nd] > 1) { /* a search only ever stands where Alice's parity is known */
+        *bad = 1;
+        return -1;
+    }
+    for (;;) {
+        if (hi - lo == 1) {
+            *node = nd;
+            return perm[lo];
         }
-        err_out[s] = -1;
-        for (;;) {
-            if (hi - lo == 1) {
-                err_out[s] = perm[lo];
-                break;
-            }
-            const int64_t mid = lo + (hi - lo + 1) / 2;
-            const int64_t left = 2 * nd, right = 2 * nd + 1;
-            if (tree[left] > 1 && tree[right] <= 1) tree[left] = tree[nd] ^ tree[right];
-            if (tree[left] > 1) {
-                q_start[s] = lo;
-                q_end[s] = mid;
-                node_pending[s] = 1;
-                break;
-            }
-            tree[right] = tree[nd] ^ tree[left];
-            uint8_t bob = 0;
-            for (int64_t i = lo; i < mid; i++) bob ^= bits[perm[i]];
-            if ((bob & 1) != tree[left]) {
-                nd = left;
-                hi = mid;
-            } else {
-                nd = right;
-                lo = mid;
-            }
+        const int64_t mid = lo + (hi - lo + 1) / 2;
+        const int64_t left = 2 * nd, right = 2 * nd + 1;
+        if (tree[left] > 1 && tree[right] <= 1) tree[left] = tree[nd] ^ tree[right];
+        if (tree[left] > 1) {
+            *pending = 1;
+            *node = nd;
+            return -1;
         }
-        node[s] = nd;
+        tree[right] = tree[nd] ^ tree[left];
+        if (range_xor(bob, lo, mid) != tree[left]) {
+            nd = left;
+            hi = mid;
+        } else {
+            nd = right;
+            lo = mid;
+        }
+    }
+}
+
+/* Searches are found through their block (slot), so that ending one can move
+ * the last into its place; the work list names blocks: pass p, block b as
+ * b * QP_MAX_PASSES + p. */
+static void push_work(qp_cascade *c, int64_t *nwork, int64_t p, int64_t b) {
+    c->work[(*nwork)++] = b * QP_MAX_PASSES + p;
+}
+
+/* A search from the root of odd block b of pass p, queued to run. */
+static void start_search(qp_cascade *c, int64_t *nwork, int64_t p, int64_t b) {
+    const int64_t s = c->ns++;
+    c->s_pass[s] = p;
+    c->s_blk[s] = b;
+    c->s_node[s] = 1;
+    c->s_pending[s] = 0;
+    c->slot[p][b] = s;
+    push_work(c, nwork, p, b);
+}
+
+static void end_search(qp_cascade *c, int64_t s) {
+    c->slot[c->s_pass[s]][c->s_blk[s]] = -1;
+    const int64_t last = --c->ns;
+    if (s == last) return;
+    c->s_pass[s] = c->s_pass[last];
+    c->s_blk[s] = c->s_blk[last];
+    c->s_node[s] = c->s_node[last];
+    c->s_pending[s] = c->s_pending[last];
+    c->slot[c->s_pass[s]][c->s_blk[s]] = s;
+}
+
+/* Flip error x now.  Every block holding it, in every pass begun, changes
+ * parity: a search running there starts again from its block's root (a
+ * question it posted this round is withdrawn before it is sent; what Alice
+ * already disclosed stays in the tree), and a block without one that turned
+ * odd gets one. */
+static int flip(qp_cascade *c, int64_t *nwork, int64_t x) {
+    if (x < 0 || x >= c->n) return QK_EINVAL;
+    c->bits[x] ^= 1;
+    for (int p = 0; p < c->active; p++) {
+        const int64_t i = c->invs[p][x], b = i / c->ks[p];
+        c->bob_perm[p][i] ^= 1;
+        c->bob_par[p][b] ^= 1;
+        const int64_t s = c->slot[p][b];
+        if (s >= 0) {
+            c->s_node[s] = 1;
+            if (c->s_pending[s]) { /* not queued: queue it */
+                c->s_pending[s] = 0;
+                push_work(c, nwork, p, b);
+            }
+        } else if (c->bob_par[p][b] != c->alice_top[p][b]) {
+            start_search(c, nwork, p, b);
+        }
+    }
+    return ++c->corrected > c->max_corrected ? QP_ENOTCONVERGED : QK_OK;
+}
+
+/* Run the queued searches as far as they go without Alice: each ends (at an
+ * error, flipped at once, or in a block a flip made even) or posts its next
+ * question.  A flip queues the searches it restarts and starts new ones. */
+static int run_searches(qp_cascade *c, int64_t nwork) {
+    while (nwork > 0) {
+        const int64_t key = c->work[--nwork];
+        const int64_t p = key % QP_MAX_PASSES, b = key / QP_MAX_PASSES, k = c->ks[p];
+        const int64_t s = c->slot[p][b];
+        if (s < 0) return QK_EINVAL; /* a queued search always runs */
+        if (c->s_node[s] == 1 && c->bob_par[p][b] == c->alice_top[p][b]) {
+            end_search(c, s); /* restarted in a block a flip made even */
+            continue;
+        }
+        int bad = 0;
+        const int64_t err = search_step(c->bob_perm[p], c->perms[p], c->n, k, pow2_at_least(k),
+                                        c->known[p], b, &c->s_node[s], &c->s_pending[s], &bad);
+        if (bad) return QK_EINVAL;
+        if (err < 0) continue; /* posted a question */
+        end_search(c, s);
+        const int rc = flip(c, &nwork, err);
+        if (rc != QK_OK) return rc;
     }
     return QK_OK;
 }
 
-int qp_flip(uint8_t *bits, int64_t n, const int64_t *idx, int64_t nidx, int npass,
-            const uint32_t *const *invs, const int64_t *ks, uint8_t *const *bob_par) {
-    if (n < 0 || nidx < 0 || npass < 0) return QK_EINVAL;
-    if (nidx > 0 && (!bits || !idx)) return QK_EINVAL;
-    if (npass > 0 && (!invs || !ks || !bob_par)) return QK_EINVAL;
-    for (int p = 0; p < npass; p++)
-        if (ks[p] <= 0 || !invs[p] || !bob_par[p]) return QK_EINVAL;
-    for (int64_t i = 0; i < nidx; i++)
-        if (idx[i] < 0 || idx[i] >= n) return QK_EINVAL;
-    for (int64_t i = 0; i < nidx; i++) {
-        const int64_t x = idx[i];
-        bits[x] ^= 1;
-        for (int p = 0; p < npass; p++) bob_par[p][invs[p][x] / ks[p]] ^= 1;
+/* Begin the next pass: nothing known below Alice's block parities yet, and a
+ * search in every odd block. */
+static int begin_pass(qp_cascade *c, int64_t *nwork) {
+    const int p = c->active;
+    const int64_t k = c->ks[p], kp = pow2_at_least(k), nb = (c->n + k - 1) / k;
+    memset(c->known[p], 2, (size_t)(nb * 2 * kp));
+    const uint32_t *perm = c->perms[p];
+    uint8_t *bob = c->bob_perm[p];
+    for (int64_t i = 0; i < c->n; i++) {
+        if (perm[i] >= (uint64_t)c->n) return QK_EINVAL;
+        bob[i] = c->bits[perm[i]] & 1;
     }
+    for (int64_t b = 0; b < nb; b++) {
+        if (c->alice_top[p][b] > 1) return QK_ENOTBIT;
+        c->known[p][b * 2 * kp + 1] = c->alice_top[p][b];
+        c->bob_par[p][b] = range_xor(bob, b * k, (c->n - b * k > k) ? b * k + k : c->n);
+        c->slot[p][b] = -1;
+    }
+    c->active++;
+    for (int64_t b = 0; b < nb; b++)
+        if (c->bob_par[p][b] != c->alice_top[p][b]) start_search(c, nwork, p, b);
+    return QK_OK;
+}
+
+int qp_cascade_round(qp_cascade *c, const uint8_t *answers, int64_t nans, int64_t *q_pass,
+                     int64_t *q_start, int64_t *q_end, int64_t *nq) {
+    if (!c || !nq || !q_pass || !q_start || !q_end) return QK_EINVAL;
+    *nq = 0;
+    if (c->n < 1 || c->npass < 1 || c->active < 0 || c->active > c->npass || !c->ks ||
+        !c->perms || !c->invs || !c->alice_top || !c->bits || !c->bob_perm || !c->bob_par ||
+        !c->known || !c->slot || !c->work || !c->s_pass || !c->s_blk || !c->s_node ||
+        !c->s_pending || c->npass > QP_MAX_PASSES)
+        return QK_EINVAL;
+    int64_t cap = 0;
+    for (int p = 0; p < c->npass; p++) {
+        if (c->ks[p] < 1 || !c->perms[p] || !c->invs[p] || !c->alice_top[p] || !c->bob_perm[p] ||
+            !c->bob_par[p] || !c->known[p] || !c->slot[p])
+            return QK_EINVAL;
+        cap += (c->n + c->ks[p] - 1) / c->ks[p];
+    }
+    if (c->cap < cap || c->ns < 0 || c->ns > cap || c->max_corrected < 0) return QK_EINVAL;
+    if (nans != c->ns || (nans > 0 && !answers)) return QK_EINVAL;
+    /* Check everything before changing anything: a bad message leaves the state as it was. */
+    for (int64_t s = 0; s < nans; s++) {
+        const int64_t p = c->s_pass[s], b = c->s_blk[s], nd = c->s_node[s];
+        if (answers[s] > 1) return QK_ENOTBIT;
+        if (!c->s_pending[s] || p < 0 || p >= c->active || b < 0 ||
+            b >= (c->n + c->ks[p] - 1) / c->ks[p] || c->slot[p][b] != s || nd < 1 ||
+            nd >= pow2_at_least(c->ks[p]))
+            return QK_EINVAL;
+    }
+    int64_t nwork = 0;
+    for (int64_t s = 0; s < nans; s++) {
+        const int64_t p = c->s_pass[s], kp = pow2_at_least(c->ks[p]);
+        c->known[p][c->s_blk[s] * 2 * kp + 2 * c->s_node[s]] = answers[s];
+        c->s_pending[s] = 0;
+        push_work(c, &nwork, p, c->s_blk[s]);
+    }
+    int rc;
+    for (;;) {
+        rc = run_searches(c, nwork);
+        nwork = 0;
+        if (rc != QK_OK || c->ns > 0 || c->active == c->npass) break;
+        rc = begin_pass(c, &nwork); /* no block of any pass begun is odd */
+        if (rc != QK_OK) break;
+    }
+    if (rc != QK_OK) return rc;
+    /* Every search left has a question: the left child of its node. */
+    for (int64_t s = 0; s < c->ns; s++) {
+        const int64_t p = c->s_pass[s], b = c->s_blk[s], k = c->ks[p];
+        const int64_t b_lo = b * k, b_hi = (c->n - b_lo > k) ? b_lo + k : c->n;
+        int64_t lo, hi;
+        if (node_range(c->s_node[s], b_lo, b_hi, &lo, &hi) != QK_OK) return QK_EINVAL;
+        q_pass[s] = p;
+        q_start[s] = lo;
+        q_end[s] = lo + (hi - lo + 1) / 2;
+    }
+    *nq = c->ns;
     return QK_OK;
 }
 
@@ -265,6 +417,10 @@ static void mul_split(mpz_t out, const mpz_t a, const mpz_t x, int64_t nbits) {
 
 /* Bits [from, from + count) of the little-endian bit string x, as a number. */
 static void import_bits(mpz_t out, const uint8_t *x, int64_t from, int64_t count) {
+    if (count <= 0) { /* no bits: x may be NULL, and NULL + 0 is undefined */
+        mpz_set_ui(out, 0);
+        return;
+    }
     const size_t first = (size_t)(from / 8);
     const size_t last = (size_t)((from + count + 7) / 8);
     mpz_import(out, last - first, -1, 1, 0, 0, x + first);

@@ -11,6 +11,11 @@ and removed on exit, the way udev gives a USB adapter a stable
 ``/dev/serial/by-id/...`` name: an emulator restarted with the same ``--link``
 is found again at the same port, as a re-plugged instrument would be.
 
+``--wire-log PATH`` appends every message that arrives on the line to ``PATH``
+as it is run, one per line, after the emulator's ``time.monotonic()``
+(``12.345678 LATCH:RES``): what the instrument was told and when, for a test
+to count (a bench's serial sniffer, in effect).
+
 The physics is small but honest: photons arrive at ``--photon-rate-hz``; the
 detection efficiency is a logistic function of the bias; dark counts grow
 exponentially with the bias; pulses pass
@@ -44,8 +49,11 @@ start-up as ``--fault "<name> [args]"`` (repeatable).
     The next message fails: a set command is not applied, a query answers the
     SCPI not-a-number ``9.91E+37``; the error (default
     ``-240,"Hardware error; bias supply tripped"``) goes to the ``SYST:ERR?`` queue.
-``LATCH``
+``LATCH [n]``
     Latch the detector: count rate 0, ``STAT:LATCH?`` 1, until ``LATCH:RES``.
+    With ``n``, it latches again at once after each of the next ``n`` resets (a
+    detector that keeps coming back latched: running warm, or its bias creeping
+    over the switching point); ``NONE`` ends that, the latch itself stays.
 ``BLIND [watts]``
     Shine bright CW light (default 1e-6 W) on the detector, as in a detector
     blinding attack (Lydersen et al., Nat. Photonics 4, 686, 2010): the count rate
@@ -75,7 +83,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import ClassVar
+from typing import ClassVar, TextIO
 
 import numpy as np
 
@@ -254,6 +262,7 @@ class Faults:
     error: tuple[int, str] | None = None
     delay_s: float = 0.0
     drop: bool = False
+    relatch: int = 0  # resets after which the detector latches again at once
 
 
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
@@ -305,6 +314,7 @@ class Instrument:
     faults: Faults = field(default_factory=Faults)
     errors: list[tuple[int, str]] = field(default_factory=list)
     table: list[tuple[str, bool, Handler]] = field(default_factory=list)
+    wire_log: TextIO | None = None  # --wire-log: every message from the line, timed
 
     def __post_init__(self) -> None:
         m = self.model
@@ -327,7 +337,7 @@ class Instrument:
             ("MEASure:TEMPerature", True, lambda _: _nr3(m.temperature_k())),
             ("MEASure:CURRent", True, lambda _: _nr3(m.photocurrent_a())),
             ("STATus:LATCh", True, lambda _: "1" if m.latched else "0"),
-            ("LATCh:RESet", False, lambda _: m.reset_latch()),
+            ("LATCh:RESet", False, self._reset_latch),
             ("EMUlator:FAULt", False, self.fault),
         ]
 
@@ -358,6 +368,12 @@ class Instrument:
         if not 0.0 <= volts <= limit:
             raise ScpiError(-222, f"Data out of range; trigger level 0 to {limit:g} V")
         self.model.trigger_v = volts
+
+    def _reset_latch(self, _: str) -> None:
+        self.model.reset_latch()
+        if self.faults.relatch:
+            self.faults.relatch -= 1
+            self.model.latched = True  # LATCH n: back at once
 
     def fault(self, arg: str) -> None:
         """``EMU:FAULT <name> [args]`` (see the module docstring)."""
@@ -399,7 +415,7 @@ class Instrument:
         self.faults.delay_s = seconds
 
     def _fault_latch(self, rest: str) -> None:
-        _no_argument(rest)
+        self.faults.relatch = _count(rest) if rest else 0
         self.model.latched = True
 
     def _fault_blind(self, rest: str) -> None:
@@ -473,6 +489,10 @@ class Instrument:
 
     def feed(self, line: bytes) -> bytes | None:
         """One line from the wire (terminator removed)."""
+        if self.wire_log is not None:
+            text = line.decode("ascii", "backslashreplace")
+            self.wire_log.write(f"{time.monotonic():.6f} {text}\n")
+            self.wire_log.flush()  # a test reads it while the emulator runs
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
@@ -646,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Emulate a SCPI single-photon detector controller on a pty.",
         epilog="Faults: NONE, DROP, STALL [n], GARBAGE [n], DELAY <s>, ERROR [code [message]], "
-        "LATCH, BLIND [watts]; as --fault, or 'EMU:FAULT ...' on stdin or the line.",
+        "LATCH [n], BLIND [watts]; as --fault, or 'EMU:FAULT ...' on stdin or the line.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="snspd")
     parser.add_argument("--photon-rate-hz", type=float, default=2e5, help="photons reaching it")
@@ -655,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--identity", default=None, help="the *IDN? answer (4 fields)")
     parser.add_argument("--link", type=Path, default=None, help="stable symlink to the pty")
     parser.add_argument("--fault", action="append", default=[], help='e.g. "LATCH", "STALL 2"')
+    parser.add_argument(
+        "--wire-log", type=Path, default=None, help="append every message from the line here"
+    )
     args = parser.parse_args(argv)
     if not args.photon_rate_hz >= 0 or not args.gate_s > 0:
         parser.error("--photon-rate-hz must be >= 0 and --gate-s > 0")
@@ -673,7 +696,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--fault {spec!r}: {exc}")
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    return serve(instrument, args.link)
+    with contextlib.ExitStack() as stack:
+        if args.wire_log is not None:
+            instrument.wire_log = stack.enter_context(args.wire_log.open("a", encoding="ascii"))
+        return serve(instrument, args.link)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qnoded._qkernel import lib
-from qnoded.kernel import check_status, checked_array, pointer
+from qnoded.kernel import KernelInputError, check_status, checked_array, pointer
 
 U8 = npt.NDArray[np.uint8]
 U64 = npt.NDArray[np.uint64]
@@ -63,6 +63,9 @@ class HashError(ValueError):
 def pack_le(bits: U8) -> U8:
     """0/1 bytes to little-endian packed bytes (the hashes' view of a key)."""
     checked = checked_array("key bits", bits, np.uint8, make_contiguous=True)
+    if checked.shape[0] and int(checked.max()) > 1:  # packbits would take any nonzero as 1
+        k = int(np.flatnonzero(checked > 1)[0])
+        raise KernelInputError(f"key bits[{k}] = {int(checked[k])} is a value other than 0 or 1")
     return np.packbits(checked, bitorder="little")
 
 
@@ -84,9 +87,12 @@ def random_points(t: int) -> U64:
 
 def poly61(data: bytes | U8, points: U64) -> U64:
     """The polynomial hash of ``data`` at each point (see ``qp_poly61``)."""
-    buf = np.frombuffer(bytes(data), dtype=np.uint8) if isinstance(data, bytes) else data
-    pts = np.ascontiguousarray(points, dtype=np.uint64)
-    if pts.ndim != 1 or pts.shape[0] == 0 or int(pts.max()) >= P61:
+    if isinstance(data, bytes):
+        buf = np.frombuffer(data, dtype=np.uint8)
+    else:  # the C call takes buf.shape[0] bytes: another dtype would be hashed in part
+        buf = checked_array("data", data, np.uint8, make_contiguous=True)
+    pts = checked_array("points", points, np.uint64, make_contiguous=True)
+    if pts.shape[0] == 0 or int(pts.max()) >= P61:
         raise HashError("hash points must be a non-empty array of values below 2^61 - 1")
     out = np.empty(pts.shape[0], dtype=np.uint64)
     check_status(
@@ -174,6 +180,7 @@ def amplify(bits: U8, seed: PaSeed, out_bits: int) -> U8:
 
     The secret key stays packed: it is stored and delivered as bytes.
     """
+    bits = checked_array("key bits", bits, np.uint8, make_contiguous=True)
     n = int(bits.shape[0])
     if out_bits <= 0:
         raise HashError(f"output length {out_bits} must be positive")

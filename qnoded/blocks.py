@@ -48,6 +48,7 @@ import structlog
 from qnoded import amplify, estimation, reconcile
 from qnoded.config import PostprocessingSection
 from qnoded.contracts import IntensityClass
+from qnoded.durable import StorageError
 from qnoded.keystore import KeyStore, KeyStoreError
 from qnoded.peer import MsgType
 from qnoded.sifting import KEY_CLASSES, Message, ProtocolError, SiftedBatch, field_of, i64, scalar
@@ -90,6 +91,10 @@ class BlockOutcome:
     keys: int = 0
     auth_bytes: int = 0
     phi_z: float | None = None
+    # Alice's finite-key length (Lim et al. 2014) for the block, in bits: after
+    # error correction, or at the Shannon limit when the block was refused
+    # before it; None where it was not computed (Bob, who follows Alice's).
+    key_length: int | None = None
     seconds: float = 0.0
 
     def public(self) -> dict[str, Any]:
@@ -153,6 +158,10 @@ class BlockHooks:
 
     def outcome(self, outcome: BlockOutcome) -> None:
         """A block ended (accepted or not)."""
+
+    def store_failed(self, message: str) -> None:
+        """The key store refused a write that settles a stored block (disk full):
+        the block stays pending until RECOVER settles it."""
 
 
 def _block_id(msg: Mapping[str, npt.NDArray[Any]]) -> uuid.UUID:
@@ -357,8 +366,19 @@ class AliceBlocks(_Engine[_AliceBlock]):
         # stop here: no key, nothing disclosed, no time spent.
         best = self._length(blk, leak=math.floor(n * estimation.h2(min(qber_x, 0.5))))
         if best.key_length <= 0:
-            blk.outcome = BlockOutcome(block_id=str(blk.block_id), accepted=False, phi_z=best.phi_z)
-            return out + self._abort(blk, "estimation: no secret key possible")
+            blk.outcome = BlockOutcome(
+                block_id=str(blk.block_id),
+                accepted=False,
+                n=n,
+                qber_x=qber_x,
+                phi_z=best.phi_z,
+                key_length=best.key_length,
+            )
+            return out + self._abort(
+                blk,
+                f"estimation: no secret key possible (finite-key length {best.key_length} bits "
+                "even with error correction at the Shannon limit)",
+            )
         out[0][1]["top"] = np.concatenate(cascade.top_parities())
         return out
 
@@ -407,6 +427,7 @@ class AliceBlocks(_Engine[_AliceBlock]):
             ec_efficiency=reconcile.efficiency(blk.cascade.leaked_bits, n, qber_z),
             ec_rounds=rounds,
             phi_z=result.phi_z,
+            key_length=result.key_length,
         )
         blk.outcome = outcome
         key_bytes = self.pp.key_size_bits // 8
@@ -498,6 +519,10 @@ class _BobBlock:
 class BobBlocks(_Engine[_BobBlock]):
     """Bob: follows Alice's blocks, runs Cascade's searches, stores pending then ready."""
 
+    # A pending block the key store could not commit or discard (disk full):
+    # RECOVER goes out again before the next block, until it is settled.
+    recover_due = False
+
     def reset(self) -> None:
         """The session ended.  A block stored pending stays so (RECOVER settles it)."""
         if self._block is not None:
@@ -509,22 +534,35 @@ class BobBlocks(_Engine[_BobBlock]):
         out.reason = reason
         out.seconds = time.monotonic() - blk.started
         blk.cascade.bits.fill(0)
-        if blk.stored and discard:
-            self._discard(blk.block_id)
+        settled = not blk.stored or (discard and self._discard(blk.block_id))
         self._block = None
-        if not blk.stored or discard:
+        if settled:  # else it waits, pending, for RECOVER, which records it
             self.totals.record(out)
             self.hooks.outcome(out)
 
-    def _discard(self, block_id: uuid.UUID) -> None:
-        self.store.discard_block(block_id)
+    def _discard(self, block_id: uuid.UUID) -> bool:
+        """Discard a pending block; False if the store refused (it stays pending)."""
+        try:
+            self.store.discard_block(block_id)
+        except StorageError as exc:
+            self._unsettled(block_id, "discarded", exc)
+            return False
         self.hooks.auth_drop(block_id)
+        return True
+
+    def _unsettled(self, block_id: uuid.UUID, what: str, exc: StorageError) -> None:
+        log.error(
+            f"pending block not {what}: RECOVER settles it", block=str(block_id), error=str(exc)
+        )
+        self.recover_due = True
+        self.hooks.store_failed(f"block {block_id} not {what} here, pending: {exc}")
 
     def _abort(self, blk: _BobBlock, reason: str) -> Out:
         self._end(blk, reason, discard=True)
         return abort_message(blk.block_id, reason)
 
     def recover_request(self) -> Out:
+        self.recover_due = False  # a failure to settle what the reply says sets it again
         pending = self.store.pending_blocks()
         if not pending:
             return []
@@ -549,12 +587,17 @@ class BobBlocks(_Engine[_BobBlock]):
                 **{k: v for k, v in stats.items() if k in _RECORDED},
             )
             if ok:
-                self.store.commit_block(bid)
+                try:
+                    self.store.commit_block(bid)
+                except StorageError as exc:
+                    self._unsettled(bid, "committed", exc)
+                    continue
                 self.hooks.auth_activate(bid)
                 outcome.keys = n_keys
                 log.info("pending block committed after recovery", block=str(bid))
             else:
-                self._discard(bid)
+                if not self._discard(bid):
+                    continue
                 outcome.reason = "recovery: Alice did not commit it"
                 outcome.secret_bits = 0
                 log.info("pending block discarded after recovery", block=str(bid))
@@ -563,6 +606,11 @@ class BobBlocks(_Engine[_BobBlock]):
         return []
 
     def on_start(self, msg: Mapping[str, npt.NDArray[Any]], sifted: dict[int, SiftedBatch]) -> Out:
+        """Follow Alice's new block (after a RECOVER, if a pending block waits on one)."""
+        first = self.recover_request() if self.recover_due else []
+        return first + self._start(msg, sifted)
+
+    def _start(self, msg: Mapping[str, npt.NDArray[Any]], sifted: dict[int, SiftedBatch]) -> Out:
         bid = _block_id(msg)
         if self._block is not None:
             raise BlockError(f"BLOCK_START {bid} while block {self._block.block_id} is in flight")
@@ -731,7 +779,12 @@ class BobBlocks(_Engine[_BobBlock]):
         blk = self._current(msg)
         if not blk.stored or blk.outcome is None:
             raise BlockError(f"block {blk.block_id}: COMMIT before PREPARED")
-        self.store.commit_block(blk.block_id)
+        try:
+            self.store.commit_block(blk.block_id)
+        except StorageError as exc:
+            self._unsettled(blk.block_id, "committed", exc)
+            self._end(blk, f"store: {exc}", discard=False)
+            return []
         self.hooks.auth_activate(blk.block_id)
         outcome = blk.outcome
         outcome.accepted = True
@@ -756,7 +809,9 @@ class BobBlocks(_Engine[_BobBlock]):
 
 
 # Block statistics stored with (and delivered beside) its keys: public figures only.
-_RECORDED = ("n", "qber_x", "qber_z", "leak_ec_bits", "ec_efficiency", "secret_bits", "phi_z")
+_RECORDED = (
+    "n", "qber_x", "qber_z", "leak_ec_bits", "ec_efficiency", "secret_bits", "phi_z", "key_length"
+)  # fmt: skip
 
 
 def _stats(outcome: BlockOutcome) -> dict[str, Any]:

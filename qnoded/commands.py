@@ -188,6 +188,8 @@ def decode(payload: bytes) -> dict[str, Any]:
         doc = strictjson.loads(text)
     except ValueError as exc:
         raise RequestError(f"payload is not valid JSON: {exc}") from None
+    except RecursionError:  # a few thousand brackets fit in MAX_PAYLOAD_BYTES
+        raise RequestError("payload is not valid JSON: arrays or objects nest too deeply") from None
     if not isinstance(doc, dict):
         raise RequestError(
             'payload must be a JSON object such as {"id": "42", "args": {}}, '

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -140,6 +141,10 @@ class MetricsSection:
 @dataclass(frozen=True, slots=True)
 class StateSection:
     directory: str = "/var/lib/qnoded"
+    # Cap on the key store's file, in bytes (0: none).  Keys nobody fetches pile
+    # up; past the cap blocks are refused with a key-store alarm instead of
+    # filling the disk the node's other state lives on.
+    key_store_max_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +251,9 @@ def _section(source: str, name: str, cls: type[Any], table: Any) -> Any:
                 source, f"[{name}] {fname}", "is required", f"add {fname} = ... under [{name}]"
             )
     for key, value in values.items():
+        # TOML has nan and inf; every number here is a size, a time or a fraction.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(source, f"[{name}] {key}", f"must be a finite number, got {value}")
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
             raise ConfigError(source, f"[{name}] {key}", f"must not be negative, got {value}")
     return cls(**values)
@@ -253,7 +261,8 @@ def _section(source: str, name: str, cls: type[Any], table: Any) -> Any:
 
 def _hostport(source: str, key: str, value: str) -> None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # isdigit() alone also takes digits int() refuses ("²") or other scripts ("٣").
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(source, key, f"{value!r} is not HOST:PORT", "e.g. 127.0.0.1:7001")
 
 
@@ -263,6 +272,8 @@ def parse_config(text: str, source: str = "<config>") -> NodeConfig:  # noqa: PL
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "TOML", str(exc), "check the syntax at that line") from exc
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError(source, "TOML", "arrays or inline tables nest too deeply") from None
     known = list(_SECTIONS) + list(_FREE_TABLES)
     for key in raw:
         if key not in known:
@@ -326,6 +337,14 @@ def parse_config(text: str, source: str = "<config>") -> NodeConfig:  # noqa: PL
                 "keys are delivered either over MQTT or over ETSI 014, not both",
                 "set publish_keys = false to deliver over ETSI 014",
             )
+    state: StateSection = sections.get("state", StateSection())
+    if state.key_store_max_bytes and state.key_store_max_bytes < 65_536:
+        raise ConfigError(
+            source,
+            "[state] key_store_max_bytes",
+            f"{state.key_store_max_bytes} is below the store's own tables",
+            "use 0 (no cap) or at least 65536",
+        )
     if "metrics" in sections:
         # A [metrics] section means "serve": an empty or missing listen is a mistake.
         _hostport(source, "[metrics] listen", sections["metrics"].listen)
@@ -391,4 +410,8 @@ def load_config(path: str | Path) -> NodeConfig:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(p), "file", f"cannot be read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(p), "file", f"is not UTF-8 text (byte {exc.start})", "save it as UTF-8"
+        ) from None
     return parse_config(text, source=str(p))

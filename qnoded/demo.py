@@ -156,7 +156,9 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return json.dumps(v)
+        # Raw UTF-8, not \u escapes: TOML refuses the surrogate pairs JSON writes beyond
+        # U+FFFF.  JSON escapes the other control characters; TOML wants DEL escaped too.
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     return repr(v)
 
 

@@ -8,9 +8,11 @@ calls (:class:`WatchActions`):
   nothing until it is reset.  The watch calls ``reset_latch()``, at most
   :data:`MAX_RESETS` times in a row (one per interval, each one logged); if the
   detector is still latched after that, a critical ``detector-latched-<name>``
-  fault, and no further automatic reset until it counts again (a detector that
-  re-latches at once would otherwise be cycled forever).  The fault clears by
-  itself when the detector is back.
+  fault, key generation halts (a receiver with a dead detector gives a biased
+  raw key: in BB84 each detector is one bit value of one basis), and no further
+  automatic reset until it counts again (a detector that re-latches at once
+  would otherwise be cycled forever).  The fault clears by itself when the
+  detector is back; the halt lasts until it does (:attr:`WatchActions.halt`).
 - **Blinding signature** (Lydersen et al., Nat. Photonics 4, 686, 2010): bright
   light drives the detector into linear mode, where an eavesdropper controls
   its clicks; what shows is the photon count rate collapsing while the
@@ -144,11 +146,12 @@ class DetectorWatch:
             return
         if track.resets >= self.max_resets:
             track.given_up = True
+            self.actions.halt(latch_code(st.name))
             await self.actions.problem(
                 latch_code(st.name),
                 f"detector {st.name} (channel {st.channel}) stays latched after "
-                f"{track.resets} automatic resets; check its bias and cooling, then "
-                "reset it (it is retried once it counts again)",
+                f"{track.resets} automatic resets; key generation halted; check its bias "
+                "and cooling, then reset it",
                 "critical",
             )
             return

@@ -46,6 +46,7 @@ from aiohttp import web
 
 from qnoded import strictjson
 from qnoded.config import Etsi014Section, NodeConfig, Role
+from qnoded.durable import StorageError
 from qnoded.keystore import Key, KeyStore, KeyStoreError, KeysUnavailableError
 
 log = structlog.get_logger("qnoded.etsi014")
@@ -340,7 +341,7 @@ class Etsi014Server:
             # Part of a reply may be on the wire: only closing the connection is left.
             self.counters.replies_lost += 1
             raise
-        except (KeyStoreError, sqlite3.Error):
+        except (KeyStoreError, sqlite3.Error, StorageError):
             log.exception("etsi014 key store failed", path=request.path)
             response = self._refuse(request, ApiError(503, "key store unavailable"), client)
         except Exception:  # any other failure is the spec's 503, logged with its traceback
@@ -517,7 +518,7 @@ class Etsi014Server:
         }
         try:
             self._store.delivered(ids)
-        except (KeyStoreError, sqlite3.Error):
+        except (KeyStoreError, sqlite3.Error, StorageError):
             # They stay 'delivering', and the store destroys those when it next opens.
             log.exception("etsi014 could not destroy delivered keys", **fields)
         if written:

@@ -58,6 +58,8 @@ T_MAX_PS: int = int(lib.QK_T_MAX)
 """Largest accepted time (ps); the smallest is ``-T_MAX_PS``."""
 WINDOW_MAX_PS: int = int(lib.QK_WINDOW_MAX)
 """Largest coincidence window and ``|offset|`` (ps)."""
+MAX_HISTOGRAM_BINS = 1 << 26
+"""Most bins of :func:`diff_histogram` (512 MiB of counts); the lock asks for ``MAX_BINS``."""
 
 
 class KernelInputError(ValueError):
@@ -167,8 +169,8 @@ def diff_histogram(t_a: I64, t_b: I64, *, lo_ps: int, bin_ps: int, nbins: int) -
     t_a, t_b = checked_array("t_a", t_a, np.int64), checked_array("t_b", t_b, np.int64)
     if bin_ps <= 0:
         raise KernelInputError(f"bin_ps must be positive, got {bin_ps}")
-    if nbins <= 0:
-        raise KernelInputError(f"nbins must be positive, got {nbins}")
+    if not 0 < nbins <= MAX_HISTOGRAM_BINS:  # more would be a MemoryError, untyped
+        raise KernelInputError(f"nbins must be in 1..{MAX_HISTOGRAM_BINS}, got {nbins}")
     if not (lo_ps >= -T_MAX_PS and lo_ps + bin_ps * nbins <= T_MAX_PS):
         raise KernelInputError(
             f"histogram range [{lo_ps}, {lo_ps + bin_ps * nbins}) ps exceeds ±{T_MAX_PS}"
@@ -263,8 +265,8 @@ def assign_slots(
         raise KernelInputError(f"period_ps must be positive and finite, got {period_ps}")
     if not math.isfinite(t0_ps):
         raise KernelInputError(f"t0_ps must be finite, got {t0_ps}")
-    if window_ps < 0:
-        raise KernelInputError(f"window_ps must be >= 0, got {window_ps}")
+    if not 0 <= window_ps <= WINDOW_MAX_PS:  # an int64 in C: beyond it cffi raises OverflowError
+        raise KernelInputError(f"window_ps must be in [0, {WINDOW_MAX_PS}], got {window_ps}")
     gain = _gain(track_gain)
     slots = np.empty(t.shape[0], dtype=np.int64)
     inside = np.empty(t.shape[0], dtype=np.uint8)

@@ -57,6 +57,13 @@ CREATE INDEX IF NOT EXISTS keys_by_state ON keys (state, block_id, idx);
 """
 
 
+# Under a cap ([state] key_store_max_bytes), room kept for delivery, and what
+# a key's rows take beside its bytes (two UUIDs as text, indexes, page slack:
+# measured about 150 bytes; rounded up so the estimate errs on the safe side).
+DELIVERY_HEADROOM_BYTES = 64 * 1024
+KEY_ROW_BYTES = 256
+
+
 class KeyStoreError(Exception):
     """The store refused an operation; the message names the block or key, never bytes."""
 
@@ -80,11 +87,12 @@ def key_ids(block_id: uuid.UUID, count: int) -> list[uuid.UUID]:
 class KeyStore:
     """One node's keys for one peer link."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, max_bytes: int = 0) -> None:
+        """``max_bytes`` > 0 caps the file: past it a block fails to store as on a full disk."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Each block is exactly one transaction.
-        self._db = durable.connect(self.path, SCHEMA)
+        self._db = durable.connect(self.path, SCHEMA, max_bytes=max_bytes)
         self.destroyed_at_start = self._destroy_interrupted()
 
     def close(self) -> None:
@@ -131,7 +139,22 @@ class KeyStore:
         state: BlockState,
         stats: dict[str, Any],
     ) -> list[uuid.UUID]:
-        """Store a block's keys in one transaction; returns their IDs."""
+        """Store a block's keys in one transaction; returns their IDs.
+
+        Under a cap, a block that would leave less than the delivery headroom
+        is refused before anything is written: handing out and deleting keys
+        needs pages too, and a store too full to deliver could never drain.
+        """
+        used, cap = durable.used_bytes(self._db)
+        if cap:
+            headroom = max(DELIVERY_HEADROOM_BYTES, cap // 8)
+            need = sum(len(k) + KEY_ROW_BYTES for k in keys) + 4096
+            if used + need > cap - headroom:
+                raise durable.StorageError(
+                    f"{self.path}: key store full: {used} of {cap} bytes in use, a block of "
+                    f"{len(keys)} keys needs about {need} more and {headroom} stay free for "
+                    "delivery ([state] key_store_max_bytes)"
+                )
         ids = key_ids(block_id, len(keys))
         rows: list[tuple[str, Sequence[Any]]] = [
             (

@@ -75,9 +75,13 @@ last_block.secret_bits                gauge    qnoded_last_block_secret_key_bits
 last_block.keys                       gauge    qnoded_last_block_keys
 last_block.auth_bytes (x 8)           gauge    qnoded_last_block_auth_key_bits
 last_block.phi_z                      gauge    qnoded_last_block_phase_error_ratio
+last_block.key_length                 gauge    qnoded_last_block_key_length_bits
 last_block.seconds                    gauge    qnoded_last_block_duration_seconds
 tags_per_s                            gauge    qnoded_interval_tags_per_second
 coincidences_per_s                    gauge    qnoded_interval_coincidences_per_second
+rss_bytes                             gauge    qnoded_process_resident_memory_bytes
+open_fds                              gauge    qnoded_process_open_fds
+asyncio_tasks                         gauge    qnoded_process_asyncio_tasks
 sifted_bits_per_s                     gauge    qnoded_interval_sifted_bits_per_second
 raw_key_bits_per_s                    gauge    qnoded_interval_raw_key_bits_per_second
 secret_key_bits_per_s                 gauge    qnoded_interval_secret_key_bits_per_second
@@ -306,6 +310,14 @@ FAMILIES: tuple[Family, ...] = (
     ),
     _one("qnoded_stored_keys", "gauge", "Keys in the store, ready to deliver.", "stored_keys"),
     _one(
+        "qnoded_process_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the daemon.",
+        "rss_bytes",
+    ),
+    _one("qnoded_process_open_fds", "gauge", "Open file descriptors.", "open_fds"),
+    _one("qnoded_process_asyncio_tasks", "gauge", "Running asyncio tasks.", "asyncio_tasks"),
+    _one(
         "qnoded_stored_key_bits",
         "gauge",
         "Key bits in the store, ready to deliver.",
@@ -400,6 +412,12 @@ FAMILIES: tuple[Family, ...] = (
         "gauge",
         "Upper bound on the phase error rate of the last block (finite-key estimate).",
         "last_block.phi_z",
+    ),
+    _one(
+        "qnoded_last_block_key_length_bits",
+        "gauge",
+        "Finite-key length of the last block (negative: no key possible), Alice only.",
+        "last_block.key_length",
     ),
     _one(
         "qnoded_last_block_duration_seconds",

@@ -48,6 +48,7 @@ import aiomqtt
 import structlog
 
 from qnoded.commands import Incoming
+from qnoded.durable import StorageError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -64,6 +65,8 @@ ALARM_BUFFER = 256
 RESULT_BUFFER = 64
 # Keys taken from the store per round: a failed publication destroys at most these.
 KEY_BATCH = 16
+# Batches per pass of the publish loop; between passes the rest of the queue goes out.
+KEY_BATCHES_PER_FLUSH = 4
 PUBLISH_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
 BACKOFF_BASE_S = 0.2
@@ -158,6 +161,7 @@ class TelemetryPublisher:
         self.published = 0
         self.status_published = asyncio.Event()  # set each time the status reaches the broker
         self._keys: KeyStore | None = None
+        self._store_refusing = False
         self._key_peer = ""
         self.keys_delivered = 0
         self.keys_destroyed = 0  # taken for delivery, publication not confirmed
@@ -419,12 +423,32 @@ class TelemetryPublisher:
             self.published += 1
         await self._deliver_keys(client)
 
+    def _take(self, store: KeyStore) -> list[Key]:
+        """The next keys to publish; none while the store refuses writes (disk full).
+        One log line when it starts refusing and one when it stops, not one per try."""
+        try:
+            keys = store.take(KEY_BATCH)
+        except StorageError as exc:
+            if not self._store_refusing:
+                log.error("key store refuses to hand out keys", error=str(exc))
+                self._store_refusing = True
+            return []
+        if self._store_refusing:
+            log.info("key store hands out keys again")
+            self._store_refusing = False
+        return keys
+
     async def _deliver_keys(self, client: aiomqtt.Client) -> None:
         store = self._keys
         if store is None or self._closing:
             return
         leaf = f"keys/{self._key_peer}"
-        while keys := store.take(KEY_BATCH):
+        # A few batches per flush, then status, alarms and telemetry get their
+        # turn (a backlog of keys starved them for minutes); closing stops
+        # between batches, so no batch is cut mid-flight by the close timeout.
+        for _ in range(KEY_BATCHES_PER_FLUSH):
+            if self._closing or not (keys := self._take(store)):
+                return
             done: list[Any] = []
             started = 0  # keys whose publication began
             failure: BaseException | None = None
@@ -444,8 +468,13 @@ class TelemetryPublisher:
                 # began but was not confirmed may have reached the broker, so
                 # it is destroyed (at most once); the rest never left: back to
                 # ready, for the next connection.
-                store.release(k.key_id for k in keys[started:])
-                store.delivered(k.key_id for k in keys[:started])
+                try:
+                    store.release(k.key_id for k in keys[started:])
+                    store.delivered(k.key_id for k in keys[:started])
+                except StorageError as exc:
+                    # They stay marked in delivery, never handed out again; the
+                    # next start destroys them (at most once), as after a crash.
+                    log.error("key store refused the delivery record", error=str(exc))
                 self.keys_delivered += len(done)
                 confirmed = set(done)
                 lost = [k.key_id for k in keys[:started] if k.key_id not in confirmed]
@@ -467,6 +496,7 @@ class TelemetryPublisher:
                     )
             if failure is not None:
                 raise failure  # the connection loop reconnects
+        self._wake.set()  # maybe more ready: come back after the rest of the flush
 
     def _key_payload(self, key: Key) -> bytes:
         doc = {

@@ -53,6 +53,7 @@ from qnoded.contracts import (
 )
 from qnoded.detector_watch import DetectorWatch, WatchActions
 from qnoded.devices import DeviceManager
+from qnoded.durable import StorageError
 from qnoded.etsi014 import Etsi014Server
 from qnoded.ingest import BatchError, BatchValidator
 from qnoded.keystore import KeyStore
@@ -71,7 +72,10 @@ class PeerGone(Exception):  # noqa: N818 - an orderly goodbye, not an error
 
 # What a peer (or the network) can make happen; the session ends, the node
 # stays up.  ValueError and KeyError cover payloads that decode but do not fit.
+# StorageError: a full disk under the key store or the authentication pool
+# mid-session (nothing half-written; the next session's RECOVER settles blocks).
 PEER_ERRORS = (
+    StorageError,
     ValueError,
     KeyError,
     peer.FrameError,
@@ -110,6 +114,20 @@ def mqtt_settings(config: NodeConfig) -> MqttSettings:
     )
 
 
+def process_health() -> dict[str, int]:
+    """What a leak shows first: resident memory, open files, asyncio tasks."""
+    rss = 0
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = 0
+    return {"rss_bytes": rss, "open_fds": fds, "asyncio_tasks": len(asyncio.all_tasks())}
+
+
 def laser_intensities(laser: Laser) -> estimation.Intensities:
     """The decoy-state parameters Alice's laser runs with, for the finite-key bound."""
     mu, p = laser.intensities, laser.class_probabilities
@@ -144,6 +162,9 @@ class NodeHooks(blocks.BlockHooks):
         if self.pool is not None:
             self.pool.drop(block_id)
 
+    def store_failed(self, message: str) -> None:
+        self.node.pub.raise_alarm("critical", "key-store", message)
+
     def outcome(self, outcome: blocks.BlockOutcome) -> None:
         node = self.node
         if outcome.accepted:
@@ -155,10 +176,16 @@ class NodeHooks(blocks.BlockHooks):
                 keys=outcome.keys,
                 qber_z=outcome.qber_z,
                 ec_efficiency=outcome.ec_efficiency,
+                key_length=outcome.key_length,
             )
             node.pub.wake()
             return
-        log.warning("block rejected", block=outcome.block_id, reason=outcome.reason)
+        log.warning(
+            "block rejected",
+            block=outcome.block_id,
+            reason=outcome.reason,
+            key_length=outcome.key_length,
+        )
         # A lost link is already its own fault; a rejected block is news of its own.
         for prefix, code in (
             ("estimation", "no-secret-key"),
@@ -246,8 +273,9 @@ class Node:
         self.validator = BatchValidator(device=self.tagger.name if self.tagger else "")
         self.state = "starting"
         self._problems: dict[str, str] = {}
-        self._own_progress = asyncio.Condition()
-        self._reply = asyncio.Condition()
+        # Faults that halt key generation until they clear (blinding, a latch given up on).
+        self._halts: set[str] = set()
+        self._own_progress, self._reply = asyncio.Condition(), asyncio.Condition()
         self._queue: asyncio.Queue[TagBatch] = asyncio.Queue(
             maxsize=config.sifting.max_batches_in_flight
         )
@@ -299,6 +327,7 @@ class Node:
         if self._problems.pop(key, None) is not None:
             log.info("fault cleared", fault=key)
             self.pub.raise_alarm("info", key + "-cleared", f"{key} recovered")
+            self._sync_halt()  # a halt on this fault (a latch given up on) lifts with it
         if not self._problems:
             await self._set_state("running" if self.stats.locked else "locking")
 
@@ -421,6 +450,11 @@ class Node:
                 await channel.close()
                 if self.bob is not None:
                     self._peer_drops += self.bob.forget()
+                # A session that ran a while was a good one: this fault starts a
+                # new count, so recovery does not slow with every fault a long
+                # life sees (the link's own dial loop resets the same way).
+                if time.monotonic() - channel.opened > 1.0:
+                    attempt = 0
                 attempt += 1
                 await asyncio.sleep(_backoff(attempt))
 
@@ -517,6 +551,8 @@ class Node:
             try:
                 if self.tagger is not None:
                     await self._await_own_tags(stop_b)
+                    if "tagger-behind" in self._problems:
+                        await self._resolved("tagger-behind")  # caught up again
                 reply = alice.on_tags(msg)
             except kernel.LockError as exc:
                 await self._problem("lock", f"no clock lock: {exc}")
@@ -814,35 +850,41 @@ class Node:
     def summary(self) -> dict[str, Any]:
         s = self.stats
         alice_locked = s.locked and self.role == "alice"
-        out: dict[str, Any] = {
-            "node_id": self.cfg.node.id,
-            "role": self.role,
-            "protocol": self.cfg.node.protocol,
-            "state": self.state,
-            "tags_processed": s.tags,
-            "batches": s.batches,
-            "coincidences": s.coincidences,
-            "sifted_bits": s.sifted_bits,
-            "raw_key_bits": s.raw_key_bits,
-            "qber_sample_bits": s.sample_bits,
-            "qber_sample_errors": s.sample_errors,
-            "qber": s.qber,
-            # So a dashboard shows the QBER against this node's own alarm level.
-            "qber_alarm_threshold": self.cfg.sifting.qber_alarm_threshold,
-            "locked": s.locked,
-            # Alice holds the clock model; Bob only knows that it is locked.
-            "offset_ps": round(s.offset_ps) if alice_locked else None,
-            "drift_ppm": s.drift_ppm if alice_locked else None,
-            "lock_offset_ps": round(s.lock_offset_ps) if alice_locked else None,
-            "lock_drift_ppm": s.lock_drift_ppm if alice_locked else None,
-            # gaps in the tagger's sequence (rejected batches included), batches
-            # lost with a failed peer link, and batches the engines gave up on
-            "dropped_batches": self.validator.missed_batches + self._peer_drops + s.dropped_batches,
-            "rejected_batches": s.rejected_batches,
-            "multi_clicks": s.multi_clicks,
-            "mqtt_dropped_telemetry": self.pub.dropped_telemetry,
-            "disclosed_bytes": self._disclosed(),
-        } | self._key_summary()
+        out: dict[str, Any] = (
+            {
+                "node_id": self.cfg.node.id,
+                "role": self.role,
+                "protocol": self.cfg.node.protocol,
+                "state": self.state,
+                "tags_processed": s.tags,
+                "batches": s.batches,
+                "coincidences": s.coincidences,
+                "sifted_bits": s.sifted_bits,
+                "raw_key_bits": s.raw_key_bits,
+                "qber_sample_bits": s.sample_bits,
+                "qber_sample_errors": s.sample_errors,
+                "qber": s.qber,
+                # So a dashboard shows the QBER against this node's own alarm level.
+                "qber_alarm_threshold": self.cfg.sifting.qber_alarm_threshold,
+                "locked": s.locked,
+                # Alice holds the clock model; Bob only knows that it is locked.
+                "offset_ps": round(s.offset_ps) if alice_locked else None,
+                "drift_ppm": s.drift_ppm if alice_locked else None,
+                "lock_offset_ps": round(s.lock_offset_ps) if alice_locked else None,
+                "lock_drift_ppm": s.lock_drift_ppm if alice_locked else None,
+                # gaps in the tagger's sequence (rejected batches included), batches
+                # lost with a failed peer link, and batches the engines gave up on
+                "dropped_batches": self.validator.missed_batches
+                + self._peer_drops
+                + s.dropped_batches,
+                "rejected_batches": s.rejected_batches,
+                "multi_clicks": s.multi_clicks,
+                "mqtt_dropped_telemetry": self.pub.dropped_telemetry,
+                "disclosed_bytes": self._disclosed(),
+            }
+            | self._key_summary()
+            | process_health()
+        )
         if self.laser is not None:
             out["signal_gain"] = s.gain(IntensityClass.SIGNAL)
             out["decoy_gain"] = s.gain(IntensityClass.DECOY)
@@ -928,8 +970,14 @@ class Node:
             self._check_auth()
 
     def _check_auth(self) -> None:
-        """One alarm per telemetry interval in which frames failed authentication."""
-        total = self.link.auth_failures.total()
+        """One alarm per telemetry interval in which frames failed authentication.
+
+        A ``stale`` first frame alone is no attack: a session cut before a
+        tagged frame arrived leaves the peer's pad floor below ours, it learns
+        ours from the refusal and reconnects.  It stays counted by kind.
+        """
+        counts = self.link.auth_failures
+        total = counts.total() - counts.get("stale", 0)
         if total > self._auth_failures_seen:
             new = total - self._auth_failures_seen
             self._auth_failures_seen = total
@@ -976,19 +1024,31 @@ class Node:
         before it showed, so none of it is trusted; the peer drops its copy when
         the next block names batches this node no longer has.
         """
-        for engine in (self.alice_blocks, self.bob_blocks):
-            if engine is not None and engine.halted != code:
-                engine.halted = code
-                log.error("key generation halted", fault=code)
+        if code not in self._halts:
+            self._halts.add(code)
+            log.error("key generation halted", fault=code)
+        self._set_halted()
         for sifting in (self.alice, self.bob):
             if sifting is not None:
                 sifting.sifted.clear()
 
     def _sync_halt(self) -> None:
+        """Resume once no halting fault is active (one halt must not hide another)."""
+        lifted = {code for code in self._halts if code not in self._problems}
+        if lifted:
+            self._halts -= lifted
+            log.warning(
+                "key generation resumed" if not self._halts else "halt cause cleared",
+                fault=", ".join(sorted(lifted)),
+                still_halted=sorted(self._halts),
+            )
+            self._set_halted()
+
+    def _set_halted(self) -> None:
+        reason = ", ".join(sorted(self._halts)) or None
         for engine in (self.alice_blocks, self.bob_blocks):
-            if engine is not None and engine.halted and engine.halted not in self._problems:
-                log.warning("key generation resumed", fault=engine.halted)
-                engine.halted = None
+            if engine is not None:
+                engine.halted = reason
 
     async def _check_qber(self) -> None:
         q = self.stats.qber
@@ -1072,7 +1132,9 @@ async def run_node(
         # message can be trusted, so nothing else starts (fail closed).
         Path(config.state.directory).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up
         pool = stack.enter_context(AuthPool.open(config.state.directory, config.auth))
-        store = KeyStore(Path(config.state.directory) / "keys.db")
+        store = KeyStore(
+            Path(config.state.directory) / "keys.db", max_bytes=config.state.key_store_max_bytes
+        )
         stack.callback(store.close)
         settle_staged(pool, store)
         pub = await stack.enter_async_context(

@@ -431,6 +431,9 @@ def decode_arrays(data: bytes | bytearray | memoryview) -> dict[str, npt.NDArray
         if any(d > MAX_FRAME for d in shape):
             # Even with a zero elsewhere (no data), numpy cannot build such a shape.
             raise FrameError(f"array {name!r}: shape {list(shape)} has a dimension > MAX_FRAME")
+        if 0 in shape and math.prod(d for d in shape if d) * dtype.itemsize > MAX_FRAME:
+            # Nor one whose other dimensions multiply past its size limit.
+            raise FrameError(f"array {name!r}: shape {list(shape)} spans more than MAX_FRAME")
         nbytes = math.prod(shape) * dtype.itemsize  # exact: Python ints never overflow
         need(pos, nbytes, f"array {name!r}: data ({_NAMES[code]}{list(shape)})")
         flat = np.frombuffer(view[pos : pos + nbytes], dtype=dtype)

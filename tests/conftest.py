@@ -4,12 +4,29 @@ the logging set-up restored after a test that runs ``cli.main`` in-process."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
 import structlog
+from hypothesis import HealthCheck, settings
 
 from qnoded.broker import MosquittoBroker
+
+# Hypothesis, for every test: no example database (CI checkouts may be read-only, and an
+# unwritable database warns, which is an error here), random examples (derandomize off),
+# no deadline (a shared 2-core machine makes timings noise; the fuzz tests bound time
+# themselves).  QNODED_FUZZ_EXAMPLES=N is the long fuzz run: N examples for every property
+# test that takes its count from the profile (tests/test_fuzz_*.py).
+_FUZZ_EXAMPLES = int(os.environ.get("QNODED_FUZZ_EXAMPLES") or 0)
+settings.register_profile("qnoded", database=None, derandomize=False, deadline=None)
+settings.register_profile(
+    "qnoded-fuzz",
+    parent=settings.get_profile("qnoded"),
+    max_examples=max(1, _FUZZ_EXAMPLES),
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("qnoded-fuzz" if _FUZZ_EXAMPLES else "qnoded")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -57,6 +57,7 @@ class Recorder(blocks.BlockHooks):
         self.staged: dict[uuid.UUID, bytes] = {}
         self.active: list[uuid.UUID] = []
         self.dropped: list[uuid.UUID] = []
+        self.store_failures: list[str] = []
         self.want = 0
 
     def auth_wanted_bytes(self) -> int:
@@ -73,6 +74,9 @@ class Recorder(blocks.BlockHooks):
 
     def outcome(self, outcome: blocks.BlockOutcome) -> None:
         self.outcomes.append(outcome)
+
+    def store_failed(self, message: str) -> None:
+        self.store_failures.append(message)
 
 
 Tamper = Callable[[peer.MsgType, blocks.Message], blocks.Message]  # type: ignore[name-defined]
@@ -104,12 +108,14 @@ class Pair:
             peer.MsgType.VERIFY: self.bob.on_verify,
             peer.MsgType.COMMIT: self.bob.on_commit,
             peer.MsgType.ABORT: self.bob.on_abort,
+            peer.MsgType.RECOVER_REPLY: self.bob.on_recover_reply,
         }
         alice = {
             peer.MsgType.EC_QUERY: self.alice.on_query,
             peer.MsgType.EC_DONE: self.alice.on_done,
             peer.MsgType.PREPARED: self.alice.on_prepared,
             peer.MsgType.ABORT: self.alice.on_abort,
+            peer.MsgType.RECOVER: self.alice.on_recover,
         }
         outbox, receiver = self.alice.maybe_start(a_sifted), bob
         sent = 0
@@ -328,3 +334,48 @@ def test_a_halt_aborts_the_block_in_flight_before_anything_is_stored(tmp_path: P
     assert not pair.alice.busy and not pair.bob.busy
     assert pair.keys(pair.a_store) == {} and pair.keys(pair.b_store) == {}
     assert pair.b_store.pending_blocks() == []
+
+
+def refuse_writes(store: KeyStore, refuse: bool) -> None:
+    """The store's disk refuses every write (SQLite's own refusal, as when full)."""
+    store._db.execute(f"PRAGMA query_only = {'ON' if refuse else 'OFF'}")
+
+
+def test_a_store_that_refuses_at_alice_aborts_the_block_at_both(tmp_path: Path) -> None:
+    a, b = link_batches(24, 20_000, 0.02)
+    pair = Pair(tmp_path)
+    refuse_writes(pair.a_store, True)
+    pair.run(a, b)
+    (out_a,), (out_b,) = pair.a_hooks.outcomes, pair.b_hooks.outcomes
+    assert not out_a.accepted and out_a.reason.startswith("store: ") and "readonly" in out_a.reason
+    assert not out_b.accepted and out_b.reason.startswith("peer: store")
+    assert pair.b_store.pending_blocks() == []  # Bob's pending copy went with it
+    assert pair.a_store.ready_count() == pair.b_store.ready_count() == (0, 0)
+    refuse_writes(pair.a_store, False)
+    pair.run(a, b)  # the disk has room again: the next block makes key
+    assert pair.a_hooks.outcomes[-1].accepted and pair.b_hooks.outcomes[-1].accepted
+    assert pair.keys(pair.a_store) == pair.keys(pair.b_store) != {}
+
+
+def test_a_commit_the_store_refuses_at_bob_waits_pending_for_recover(tmp_path: Path) -> None:
+    a, b = link_batches(36, 20_000, 0.02)
+    pair = Pair(tmp_path)
+
+    def disk_fills_at_commit(kind: peer.MsgType, msg: blocks.Message) -> blocks.Message:  # type: ignore[name-defined]
+        if kind == peer.MsgType.COMMIT:
+            refuse_writes(pair.b_store, True)
+        return msg
+
+    pair.run(a, b, tamper=disk_fills_at_commit)
+    assert pair.a_hooks.outcomes[-1].accepted  # Alice committed: her keys are ready
+    assert pair.b_hooks.outcomes == []  # Bob's outcome waits for RECOVER
+    assert len(pair.b_store.pending_blocks()) == 1 and pair.bob.recover_due
+    (failure,) = pair.b_hooks.store_failures
+    assert "not committed here, pending" in failure and "readonly" in failure
+    assert not pair.bob.busy  # the link goes on
+    # Room again: the next block starts with a RECOVER that settles the first.
+    refuse_writes(pair.b_store, False)
+    pair.run(a, b)
+    assert pair.b_store.pending_blocks() == [] and not pair.bob.recover_due
+    assert [o.accepted for o in pair.b_hooks.outcomes] == [True, True]
+    assert pair.keys(pair.a_store) == pair.keys(pair.b_store) != {}

@@ -2,7 +2,8 @@
 talking to the pty emulator, which latches, over-biases and gets blinded on command.
 
 What must hold: a latch is reset automatically, a bounded number of times, then
-a critical alarm (cleared when the detector counts again); a blinding signature
+a critical alarm and a halt of key generation (cleared when the detector counts
+again); a blinding signature
 (count rate collapses, photocurrent rises) raises a critical alarm and halts key
 generation, and nothing but an operator lifts the halt.
 """
@@ -102,8 +103,11 @@ async def test_a_latch_that_comes_back_gets_bounded_resets_then_an_alarm(
             st = await det.status()
             assert st.latched
             await watch.review(det, st)
-        # MAX_RESETS resets (each refused), then one critical alarm, then quiet.
-        assert rec.calls == [("problem", latch_code("det0"), "critical")]
+        # MAX_RESETS resets (each refused), then a halt and one critical alarm, then quiet.
+        assert rec.calls == [
+            ("halt", latch_code("det0")),
+            ("problem", latch_code("det0"), "critical"),
+        ]
         assert f"after {MAX_RESETS} automatic resets" in rec.messages[latch_code("det0")]
         await det.set_bias(1.2)  # an operator lowers the bias and resets it
         assert await det.reset_latch()

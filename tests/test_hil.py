@@ -16,20 +16,26 @@ the emulators (on a bench, a person pulls the cable).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Self
 
 import pytest
+from test_commands import Console
+from test_node_faults import key_id_set, ready_blocks, stored_blocks
 from test_scpi_detector import SerialDetectorEmulator
 from test_tcp_tagger import EmulatorProcess, _bb84_args, scpi
 
 from qnoded.broker import free_port
 from qnoded.demo import demo_psk, link_parameters, node_config, spawn_node, stop_node
+from qnoded.detector_watch import BLINDING, MAX_RESETS, latch_code
 from qnoded.mqtt import Subscriber
 
 pytestmark = pytest.mark.slow
@@ -40,9 +46,13 @@ RECOVERY_S = 5.0  # a device back: key generation must be back within this
 class Rig:
     """Alice (simulated source), Bob on the wire, the notify socket, the broker."""
 
-    def __init__(self, tmp: Path, broker: tuple[str, int], bob_devices: str) -> None:
+    def __init__(
+        self, tmp: Path, broker: tuple[str, int], bob_devices: str, block_bits: int | None = None
+    ) -> None:
         self.tmp, self.broker = tmp, broker
         args = _bb84_args()
+        if block_bits is not None:
+            args.block_bits = block_bits
         sim = link_parameters(args)
         addr = f"{broker[0]}:{broker[1]}"
         port = free_port()
@@ -82,6 +92,15 @@ class Rig:
             except ValueError:
                 continue
         return out
+
+    def alive(self) -> bool:
+        """True, or an AssertionError naming the node process that exited."""
+        for name, proc in self.procs.items():
+            assert proc.poll() is None, f"{name} exited: {proc.returncode}"
+        return True
+
+    def store(self, role: str) -> Path:
+        return self.tmp / role / "keys.db"
 
     def stop(self) -> None:
         for role in ("bob", "alice"):
@@ -131,19 +150,23 @@ def sifting(seen: Seen, after: float = 0.0) -> bool:
 def rig(
     request: pytest.FixtureRequest, tmp_path: Path, mqtt_broker: tuple[str, int]
 ) -> Iterator[tuple[Rig, EmulatorProcess | None, SerialDetectorEmulator | None]]:
+    """The nodes on the wire; ``indirect`` parameters: ``{"block_bits": n}``."""
+    block_bits: int | None = getattr(request, "param", {}).get("block_bits")
     target = request.config.getoption("--hil-target")
     if target == "bench":
         config = request.config.getoption("--hil-bob-config")
         if not config:
             pytest.skip("--hil-target bench needs --hil-bob-config BOB.toml (hil/README.md)")
         devices = Path(config).read_text().split("[devices", 1)
-        r = Rig(tmp_path, mqtt_broker, "[devices" + devices[1])
+        r = Rig(tmp_path, mqtt_broker, "[devices" + devices[1], block_bits)
         r.start()
         yield r, None, None
         r.stop()
         return
-    det = SerialDetectorEmulator(tmp_path / "ttyDET0", "--seed", "3").start()
-    r = Rig(tmp_path, mqtt_broker, "")
+    det = SerialDetectorEmulator(
+        tmp_path / "ttyDET0", "--seed", "3", "--wire-log", str(tmp_path / "det0.wire")
+    ).start()
+    r = Rig(tmp_path, mqtt_broker, "", block_bits)
     tagger = EmulatorProcess(tmp_path / "bob-sim.toml")
     bob = r.bob_sim.split("[simulation]")[0] + (
         f'[devices.tagger]\ndriver = "tcp-tagger"\nhost = "{tagger.host}"\n'
@@ -209,26 +232,205 @@ def test_tagger_unplugged_degrades_and_recovers_within_5_s(rig: Any) -> None:
     assert tele["rejected_batches"] == 0
 
 
-def test_blinding_on_the_wire_raises_the_alarm(rig: Any) -> None:
+# -- key through the drills: what a key consumer and the key stores see --------------------
+
+KEY_RIG = {"block_bits": 100_000}  # a block of a few keys every 1-2 s on the emulators
+ROLES = ("alice", "bob")
+PEER = {"alice": "bob", "bob": "alice"}
+
+
+class Operator(Console):
+    """The operator's console of tests/test_commands.py that also reads both nodes'
+    key topics, as a key consumer does (``keys(node)``, in arrival order)."""
+
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+        assert self._client is not None
+        await self._client.subscribe("qkd/v1/+/keys/+", qos=1)
+        return self
+
+    def keys(self, node: str) -> list[dict[str, Any]]:
+        docs: list[dict[str, Any]] = self.seen[node, f"keys/{PEER[node]}"]
+        return docs
+
+    def alarms(self, node: str, code: str) -> list[dict[str, Any]]:
+        return [a for a in self.seen[node, "alarms"] if a["code"] == code]
+
+    def refused(self) -> int:
+        """Blocks Alice started that Bob refused because his key generation is halted."""
+        tele = self.latest("alice", "telemetry")
+        return int(tele["block_reject_reasons"].get("peer: halted", 0)) if tele else 0
+
+    def delivered(self, node: str) -> dict[str, str]:
+        """Key ID -> SHA-256 of the key, for every key ``node`` delivered; each at most once."""
+        docs = self.keys(node)
+        twice = [k for k, n in Counter(d["key_ID"] for d in docs).items() if n > 1]
+        assert not twice, f"{node} delivered {len(twice)} key(s) twice: {twice[:3]}"
+        return {d["key_ID"]: hashlib.sha256(base64.b64decode(d["key"])).hexdigest() for d in docs}
+
+
+def det0(tele: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = next(d for d in tele["detectors"] if d["name"] == "det0")
+    return found
+
+
+def wire_resets(wire_log: Path, since: float) -> list[float]:
+    """When the detector got ``LATCH:RES`` on its serial line (the emulator's --wire-log,
+    on the same monotonic clock as ours), from ``since`` on."""
+    out = []
+    for line in wire_log.read_text(encoding="ascii").splitlines():
+        at, _, message = line.partition(" ")
+        if float(at) >= since and "LATCH:RES" in message.upper():
+            out.append(float(at))
+    return out
+
+
+async def key_flows(con: Operator, r: Rig, before: set[str], blocks: int) -> list[str]:
+    """The first ``blocks`` blocks Alice commits that are not in ``before``, once they
+    are ready in both stores and every one of their keys came out on both key topics;
+    checks they are the same keys under the same IDs and returns the blocks' IDs."""
+    target: list[str] = []
+
+    def done() -> bool:
+        r.alive()
+        if len(target) < blocks:
+            new = sorted(
+                (b.created, bid)
+                for bid, b in stored_blocks(r.store("alice")).items()
+                if bid not in before and b.state == "ready"
+            )
+            target[:] = [bid for _, bid in new[:blocks]]
+            if len(target) < blocks:
+                return False
+        bob = stored_blocks(r.store("bob"))
+        if not all(bid in bob and bob[bid].state == "ready" for bid in target):
+            return False
+        want = key_id_set({bid: bob[bid].keys for bid in target})
+        return all(want <= {d["key_ID"] for d in con.keys(role)} for role in ROLES)
+
+    try:
+        await con.wait(done, timeout=60)
+    except TimeoutError:
+        raise AssertionError(f"no new key at both nodes within 60 s (blocks {target})") from None
+    alice, bob = (ready_blocks(r.store(role)) for role in ROLES)
+    assert {bid: alice[bid] for bid in target} == {bid: bob[bid] for bid in target}
+    got = {role: con.delivered(role) for role in ROLES}
+    want = key_id_set({bid: alice[bid] for bid in target})
+    assert all(got["alice"][k] == got["bob"][k] for k in want), "the nodes' keys differ"
+    return target
+
+
+class Held(NamedTuple):
+    """What the stores and the key topics held when key generation had to stop."""
+
+    blocks: set[str]
+    keys_seen: dict[str, int]
+
+    @classmethod
+    def now(cls, con: Operator, r: Rig) -> Held:
+        # A block Bob had already prepared may still commit (Alice's decision came
+        # first), so Bob's pending ones count as held; no other block may come.
+        blocks = set(stored_blocks(r.store("alice"))) | set(stored_blocks(r.store("bob")))
+        return cls(blocks, {role: len(con.keys(role)) for role in ROLES})
+
+    def assert_nothing_new(self, con: Operator, r: Rig, why: str) -> None:
+        for role in ROLES:
+            extra = set(stored_blocks(r.store(role))) - self.blocks
+            assert not extra, f"{role} stored {len(extra)} block(s) {why}"
+            late = [
+                d["key_ID"]
+                for d in con.keys(role)[self.keys_seen[role] :]
+                if d["block_id"] not in self.blocks
+            ]
+            assert not late, f"{role} delivered {len(late)} key(s) made {why}"
+
+
+async def stores_agree(con: Operator, r: Rig) -> int:
+    """Both key stores hold the same committed blocks with the same key counts, so the
+    same key IDs (polled: for a moment Bob holds a block pending that Alice has
+    committed); every key both nodes delivered is the same key.  Returns the key count."""
+    await con.wait(
+        lambda: r.alive() and ready_blocks(r.store("alice")) == ready_blocks(r.store("bob")),
+        timeout=20,
+    )
+    got = {role: con.delivered(role) for role in ROLES}
+    common = set(got["alice"]) & set(got["bob"])
+    assert all(got["alice"][k] == got["bob"][k] for k in common), "the nodes' keys differ"
+    return len(key_id_set(ready_blocks(r.store("alice"))))
+
+
+@pytest.mark.parametrize("rig", [KEY_RIG], indirect=True)
+def test_blinding_halts_key_until_an_operator_clears_it(rig: Any) -> None:
+    """Blinding: alarm, no key while halted, the halt outlasts the light, and only an
+    operator's ``clear-alarm`` (over MQTT) brings key back, the same at both nodes."""
     r, _, det = rig
     if det is None:
         pytest.skip("the drill needs the emulator")
+    figures = asyncio.run(_blinding_drill(r, det))
+    print("blinding drill:", figures)
 
-    async def blind() -> None:
+
+async def _blinding_drill(r: Rig, det: SerialDetectorEmulator) -> dict[str, Any]:
+    fig: dict[str, Any] = {}
+    async with Operator(r.broker) as con:
+        bob = con.seen["bob", "telemetry"]
+        # Key flows, and the watch has learnt the detector's healthy baseline (3 intervals).
+        await key_flows(con, r, set(), blocks=1)
+        await con.wait(lambda: r.alive() and len(bob) >= 5, timeout=30)
+        healthy_hz = det0(bob[-1])["count_rate_hz"]
+
         det.control("EMU:FAULT BLIND")
+        t_blind = time.monotonic()
+        await con.wait(lambda: r.alive() and bool(con.alarms("bob", BLINDING)), timeout=15)
+        fig["alarm_after_s"] = round(time.monotonic() - t_blind, 2)
+        alarm = con.alarms("bob", BLINDING)[0]
+        assert alarm["severity"] == "critical" and "det0" in alarm["message"]
+        assert any(e.get("event") == "key generation halted" for e in r.log("bob"))
+        held = Held.now(con, r)
+        refused_at = con.refused()
+        fig["keys_before"] = len(key_id_set(ready_blocks(r.store("alice"))))
 
-    seen, _ = asyncio.run(
-        watch_bob(
-            r,
-            lambda s: any(a["code"] == "detector-blinding" for _, a in s["alarms"]),
-            fault=blind,
-            # The watch learns the detector's healthy baseline first (3 intervals).
-            ready=lambda s: sifting(s) and len(s["telemetry"]) >= 5,
+        async def halted_for(intervals: int) -> None:
+            """Telemetry intervals go by, and Alice's blocks keep being refused."""
+            n, refused = len(bob), con.refused()
+            try:
+                await con.wait(
+                    lambda: r.alive() and len(bob) >= n + intervals and con.refused() > refused,
+                    timeout=30,
+                )
+            except TimeoutError:
+                held.assert_nothing_new(con, r, "while halted")
+                raise AssertionError("Bob no longer refuses Alice's blocks: halt lifted") from None
+
+        await halted_for(3)
+        det.control("EMU:FAULT NONE")  # the light goes: the halt stays
+        mark = len(bob)
+        await halted_for(4)
+        assert all(det0(t)["count_rate_hz"] > 0.5 * healthy_hz for t in bob[mark + 1 :])
+        status = (await con.ask("bob", "status"))["result"]
+        assert status["status"]["state"] == "degraded" and BLINDING in status["active_alarms"]
+        assert "key generation halted" in status["status"]["detail"]
+        assert not con.alarms("bob", f"{BLINDING}-cleared")
+        held.assert_nothing_new(con, r, "while halted")
+        fig["halted_s"] = round(time.monotonic() - t_blind, 2)
+        fig["blocks_refused_while_halted"] = con.refused() - refused_at
+
+        # The operator judges it and clears the alarm over MQTT.
+        t_clear = time.monotonic()
+        answer = await con.ask("bob", "clear-alarm", code=BLINDING)
+        assert answer["ok"], answer
+        assert answer["result"]["cleared"] == BLINDING and answer["result"]["active"] == []
+        await con.wait(
+            lambda: (
+                bool(con.alarms("bob", f"{BLINDING}-cleared"))
+                and con.latest("bob", "status")["state"] == "running"
+            ),
+            timeout=15,
         )
-    )
-    alarm = next(a for _, a in seen["alarms"] if a["code"] == "detector-blinding")
-    assert alarm["severity"] == "critical" and "det0" in alarm["message"]
-    assert any(e.get("event") == "key generation halted" for e in r.log("bob"))
+        await key_flows(con, r, held.blocks, blocks=1)
+        fig["key_after_clear_s"] = round(time.monotonic() - t_clear, 2)
+        fig["keys_after"] = await stores_agree(con, r)
+    return fig
 
 
 def test_detector_garbage_is_an_alarm_naming_device_and_command(rig: Any) -> None:
@@ -247,3 +449,72 @@ def test_detector_garbage_is_an_alarm_naming_device_and_command(rig: Any) -> Non
     assert "det0" in alarm["message"] and "MEAS" in alarm["message"]  # device and command
     assert r.procs["bob"].poll() is None  # no crash: the next reading cleared it
     assert sifting(seen)
+
+
+@pytest.mark.parametrize("rig", [KEY_RIG], indirect=True)
+def test_a_latch_is_reset_and_one_that_keeps_coming_back_stops_key(rig: Any) -> None:
+    """A latch: reset once, counting again, key goes on.  A latch that comes back after
+    every reset: MAX_RESETS resets on the wire and no more, a critical alarm, no key."""
+    r, _, det = rig
+    if det is None:
+        pytest.skip("the drill needs the emulator")
+    figures = asyncio.run(_latch_drill(r, det, r.tmp / "det0.wire"))
+    print("latch drill:", figures)
+
+
+async def _latch_drill(r: Rig, det: SerialDetectorEmulator, wire_log: Path) -> dict[str, Any]:
+    fig: dict[str, Any] = {}
+    code = latch_code("det0")
+    async with Operator(r.broker) as con:
+        bob = con.seen["bob", "telemetry"]
+        await key_flows(con, r, set(), blocks=1)
+
+        # (a) One latch: reset at the next reading, counting again, key goes on.
+        mark = len(bob)
+        t_latch = time.monotonic()
+        det.control("EMU:FAULT LATCH")
+        await con.wait(
+            lambda: (
+                r.alive()
+                and any(det0(t)["latched"] for t in bob[mark:])
+                and not det0(bob[-1])["latched"]
+                and det0(bob[-1])["count_rate_hz"] > 0
+            ),
+            timeout=15,
+        )
+        fig["single_latch_counting_after_s"] = round(time.monotonic() - t_latch, 2)
+        resets = wire_resets(wire_log, t_latch)
+        assert len(resets) == 1, resets
+        fig["single_latch_reset_after_s"] = round(resets[0] - t_latch, 2)
+        assert not con.alarms("bob", code)  # handled by itself: nothing for an operator
+        assert any(e.get("event") == "detector counting again" for e in r.log("bob"))
+        await key_flows(con, r, set(stored_blocks(r.store("alice"))), blocks=1)
+
+        # (b) A latch that comes back after every reset.
+        t_stuck = time.monotonic()
+        det.control("EMU:FAULT LATCH 1000")
+        await con.wait(lambda: r.alive() and bool(con.alarms("bob", code)), timeout=20)
+        fig["alarm_after_s"] = round(time.monotonic() - t_stuck, 2)
+        alarm = con.alarms("bob", code)[0]
+        assert alarm["severity"] == "critical"
+        assert f"after {MAX_RESETS} automatic resets" in alarm["message"]
+        held = Held.now(con, r)
+        refused_at = con.refused()
+        # Longer than the retry schedule (one reset per interval): no further reset.
+        n = len(bob)
+        await con.wait(lambda: r.alive() and len(bob) >= n + MAX_RESETS + 2, timeout=30)
+        resets = wire_resets(wire_log, t_stuck)
+        fig["resets_on_the_wire"] = len(resets)
+        fig["reset_times_s"] = [round(t - t_stuck, 2) for t in resets]
+        fig["watched_for_s"] = round(time.monotonic() - t_stuck, 2)
+        assert len(resets) == MAX_RESETS, resets
+        assert all(det0(t)["latched"] for t in bob[n:])  # and it is still latched
+        status = (await con.ask("bob", "status"))["result"]
+        assert status["status"]["state"] == "degraded" and code in status["active_alarms"]
+        assert "key generation halted" in status["status"]["detail"]
+        # Key generation stopped, while Alice's attempts are refused.
+        held.assert_nothing_new(con, r, "while det0 stayed latched")
+        await con.wait(lambda: r.alive() and con.refused() > refused_at, timeout=30)
+        fig["blocks_refused_while_latched"] = con.refused() - refused_at
+        fig["keys"] = await stores_agree(con, r)
+    return fig

@@ -10,8 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from qnoded._qkernel import lib
 
 from qnoded import kernel, kernel_ref
+from qnoded.amplify import PaSeed, amplify
+from qnoded.kernel import pointer
+from qnoded.reconcile import CascadeAlice, CascadeBob, CascadePlan, ReconcileError
 
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
@@ -453,3 +457,49 @@ def test_order_check_is_exact(a: I64, b: I64, window: int) -> None:
         ref = kernel_ref.coincidences(a, b, window_ps=window)
         np.testing.assert_array_equal(got[0], ref[0])
         np.testing.assert_array_equal(got[1], ref[1])
+
+
+# -- regressions found by the libFuzzer harnesses (csrc/fuzz/, make fuzz) -------------------
+
+
+def test_permutation_frame_beyond_half_the_int64_range() -> None:
+    """qp_permutation computed 2 * frame, which overflows int64 for a frame above
+    2^62 - 1 (UBSan; in a plain build the wrapped bound made one frame of 2^62 bits
+    and the shuffle wrote far past the buffers).  A frame that large is one frame;
+    a plan (what a peer's BLOCK_START names) refuses it before C sees it."""
+    perm, inv = np.empty(10, np.uint32), np.empty(10, np.uint32)
+    rc = lib.qp_permutation(1, 10, 2**62, pointer("uint32_t *", perm), pointer("uint32_t *", inv))
+    assert rc == lib.QK_OK
+    assert sorted(perm.tolist()) == list(range(10))
+    np.testing.assert_array_equal(inv[perm], np.arange(10))
+    with pytest.raises(ReconcileError, match="frame"):
+        CascadePlan(n=10, block_sizes=(2,), seed=1, frame=2**62)
+
+
+def test_cascade_round_refuses_a_search_moved_to_another_block() -> None:
+    """A caller that broke the state (a search's block changed to the block of
+    another running search) made qp_cascade_round end one search twice and read
+    s_pass[-1] (ASan: heap-buffer-overflow); the header promises QK_EINVAL."""
+    n = 256
+    rng = np.random.default_rng(7)
+    alice = rng.integers(0, 2, n, dtype=np.uint8)
+    bob_bits = alice.copy()
+    bob_bits[rng.choice(n, 40, replace=False)] ^= 1
+    plan = CascadePlan(n=n, block_sizes=(16, 64), seed=3, frame=256)
+    a = CascadeAlice(alice, plan)
+    bob = CascadeBob(bob_bits, plan, a.top_parities())
+    query = bob.next_query()
+    assert query is not None and len(query) >= 2
+    c = bob._c  # the C state, broken here on purpose
+    c.s_blk[0] = c.s_blk[1]
+    c.s_pass[0] = c.s_pass[1]
+    with pytest.raises(kernel.KernelInputError, match="out of range"):
+        bob.next_query(a.answer(query))
+
+
+def test_mersenne_hash_of_an_empty_key() -> None:
+    """An empty key reaches qp_mersenne_hash as NULL with 0 bits, and the kernel
+    computed NULL + 0 (undefined; UBSan flagged it).  The hash of no bits is b."""
+    seed = PaSeed.fresh(0, 16)
+    out = amplify(np.zeros(0, np.uint8), seed, 16)
+    assert out.tobytes() == seed.b[:2]

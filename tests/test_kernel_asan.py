@@ -169,69 +169,78 @@ for n, k1, k2, frame in ((2, 1, 2, 2), (37, 2, 8, 8), (1000, 8, 64, 128), (5000,
     a = rng.integers(0, 2, n, dtype=np.uint8)
     bob = a ^ (rng.random(n) < 0.05).astype(np.uint8)
     ks = np.array([k1, k2, k2], np.int64)
+    npass = ks.size
     perms, invs = [], []
-    for q in range(3):
+    for q in range(npass):
         perm, inv = np.empty(n, np.uint32), np.empty(n, np.uint32)
         assert lib.qp_permutation(q + 1, n, frame, p("uint32_t *", perm), p("uint32_t *", inv)) == 0
         assert np.array_equal(np.sort(perm), np.arange(n))
         perms.append(perm)
         invs.append(inv)
-    tops, bobs, knowns, pres = [], [], [], []
-    for q in range(3):
-        nbl = -(-n // int(ks[q]))
-        top, bp = np.empty(nbl, np.uint8), np.empty(nbl, np.uint8)
+    nbs = [-(-n // int(k)) for k in ks]
+    tops, pres = [], []
+    for q in range(npass):
+        top = np.empty(nbs[q], np.uint8)
         assert lib.qp_block_parity(p("uint8_t *", a), p("uint32_t *", perms[q]), n, int(ks[q]),
                                    p("uint8_t *", top)) == 0
-        assert lib.qp_block_parity(p("uint8_t *", bob), p("uint32_t *", perms[q]), n,
-                                   int(ks[q]), p("uint8_t *", bp)) == 0
-        kp = 1 << max(0, int(ks[q] - 1).bit_length())
-        known = np.full(nbl * 2 * kp, 2, np.uint8)
-        known[1::2 * kp] = top
         pre = np.empty(n + 1, np.uint8)
         assert lib.qp_prefix_parity(p("uint8_t *", a), p("uint32_t *", perms[q]), n,
                                     p("uint8_t *", pre)) == 0
         tops.append(top)
-        bobs.append(bp)
-        knowns.append(known)
         pres.append(pre)
-    inv_ptrs = ffi.new("uint32_t *[]", [p("uint32_t *", v) for v in invs])
-    par_ptrs = ffi.new("uint8_t *[]", [p("uint8_t *", v) for v in bobs])
+    cap = sum(nbs)
+    bob_perm = [np.empty(n, np.uint8) for _ in range(npass)]
+    bob_par = [np.empty(nb, np.uint8) for nb in nbs]
+    known = [np.empty(nb * 2 * (1 << max(0, int(k - 1).bit_length())), np.uint8)
+             for nb, k in zip(nbs, ks)]
+    slot = [np.empty(nb, np.int64) for nb in nbs]
+    search = [np.empty(cap, np.int64) for _ in range(4)]
+    pending = np.empty(cap, np.uint8)
+    qs = [np.empty(cap, np.int64) for _ in range(3)]
+    owned = []  # a struct field does not keep its ffi.new() array alive: this list does
+
+    def arrays(ctype, xs):
+        owned.append(ffi.new(ctype + " *[]", [p(ctype + " *", x) for x in xs]))
+        return owned[-1]
+
+    c = ffi.new("qp_cascade *")
+    c.n, c.npass, c.ks, c.cap = n, npass, p("int64_t *", ks), cap
+    c.perms, c.invs = arrays("uint32_t", perms), arrays("uint32_t", invs)
+    c.alice_top, c.bits = arrays("uint8_t", tops), p("uint8_t *", bob)
+    c.bob_perm, c.bob_par = arrays("uint8_t", bob_perm), arrays("uint8_t", bob_par)
+    c.known, c.slot = arrays("uint8_t", known), arrays("int64_t", slot)
+    c.s_pass, c.s_blk, c.s_node, c.work = (p("int64_t *", x) for x in search)
+    c.s_pending, c.max_corrected = p("uint8_t *", pending), n
+    nq = ffi.new("int64_t *")
+    pre_ptrs = arrays("uint8_t", pres)
+    ans = np.empty(0, np.uint8)
     for _ in range(10_000):
-        odd = [(q, np.flatnonzero(bobs[q] ^ tops[q]).astype(np.int64)) for q in range(3)]
-        odd = [(q, o) for q, o in odd if o.size]
-        if not odd:
+        assert lib.qp_cascade_round(c, p("uint8_t *", ans), ans.size,
+                                    *(p("int64_t *", x) for x in qs), nq) == 0
+        if nq[0] == 0:
             break
-        q, blocks = odd[0]
-        ns = blocks.size
-        node, pend = np.ones(ns, np.int64), np.zeros(ns, np.uint8)
-        ans = np.zeros(ns, np.uint8)
-        found = []
-        while ns:
-            qs, qe, err = np.empty(ns, np.int64), np.empty(ns, np.int64), np.empty(ns, np.int64)
-            assert lib.qp_cascade_step(p("uint8_t *", bob), p("uint32_t *", perms[q]), n,
-                                       int(ks[q]), p("uint8_t *", knowns[q]),
-                                       p("int64_t *", blocks), p("int64_t *", node),
-                                       p("uint8_t *", pend), p("uint8_t *", ans), ns,
-                                       p("int64_t *", qs), p("int64_t *", qe),
-                                       p("int64_t *", err)) == 0
-            found.extend(err[err >= 0].tolist())
-            keep = err < 0
-            blocks, node, pend = blocks[keep].copy(), node[keep].copy(), pend[keep].copy()
-            qs, qe, ns = qs[keep].copy(), qe[keep].copy(), int(keep.sum())
-            ans = np.empty(ns, np.uint8)
-            assert lib.qp_range_parity(p("uint8_t *", pres[q]), n, p("int64_t *", qs),
-                                       p("int64_t *", qe), ns, p("uint8_t *", ans)) == 0
-        idx = np.array(sorted(set(found)), np.int64)
-        assert lib.qp_flip(p("uint8_t *", bob), n, p("int64_t *", idx), idx.size, 3, inv_ptrs,
-                           p("int64_t *", ks), par_ptrs) == 0
-    for q in range(3):
-        chk = np.empty(tops[q].size, np.uint8)
+        ask = [x[:nq[0]].copy() for x in qs]
+        if ask[0].size > 1:  # a wrong count and a non-bit are refused, nothing changed
+            assert lib.qp_cascade_round(c, p("uint8_t *", ans[:0]), 0,
+                                        *(p("int64_t *", x) for x in qs), nq) == lib.QK_EINVAL
+            nq[0] = ask[0].size
+        ans = np.empty(ask[0].size, np.uint8)
+        assert lib.qp_range_parity(pre_ptrs, npass, n, *(p("int64_t *", x) for x in ask),
+                                   ask[0].size, p("uint8_t *", ans)) == 0
+        bad = ans.copy()
+        bad[-1] = 2
+        assert lib.qp_cascade_round(c, p("uint8_t *", bad), bad.size,
+                                    *(p("int64_t *", x) for x in qs), nq) == lib.QK_ENOTBIT
+    else:
+        raise AssertionError("Cascade did not finish")
+    for q in range(npass):
+        chk = np.empty(nbs[q], np.uint8)
         lib.qp_block_parity(p("uint8_t *", bob), p("uint32_t *", perms[q]), n, int(ks[q]),
                             p("uint8_t *", chk))
         assert np.array_equal(chk, tops[q])
-    bad = np.array([0], np.int64)
-    assert lib.qp_range_parity(p("uint8_t *", pres[0]), n, p("int64_t *", bad),
-                               p("int64_t *", bad), 1, p("uint8_t *", np.empty(1, np.uint8))) \
+    one = np.array([0], np.int64)
+    assert lib.qp_range_parity(pre_ptrs, npass, n, p("int64_t *", one), p("int64_t *", one),
+                               p("int64_t *", one), 1, p("uint8_t *", np.empty(1, np.uint8))) \
         == lib.QK_EINVAL
 for length in (0, 1, 7, 8, 1000):
     data = rng.integers(0, 256, length, dtype=np.uint8)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from qnoded.durable import StorageError
 from qnoded.keystore import KeyStore, KeyStoreError, key_ids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,3 +125,26 @@ def test_sigkill_leaves_whole_blocks(tmp_path: Path) -> None:
         ).fetchone()[0]
         assert orphans == 0
         db.close()
+
+
+def test_a_full_store_refuses_whole_blocks_and_takes_again_once_keys_go(tmp_path: Path) -> None:
+    # The cap behaves as a full disk: the block that does not fit is refused
+    # whole (a StorageError, an OSError, naming the file), nothing of it is
+    # left, and the store takes blocks again once delivered keys free space.
+    store = KeyStore(tmp_path / "k.db", max_bytes=256 * 1024)
+    stored: list[uuid.UUID] = []
+    with pytest.raises(StorageError, match=r"k\.db.*full") as refused:
+        for _ in range(100):
+            block = uuid.uuid4()
+            store.add_block(block, "bob", [os.urandom(32)] * 300, "ready", {})
+            stored.append(block)
+    assert isinstance(refused.value, OSError)
+    assert store.block_state(block) is None
+    assert [store.block_state(b) for b in stored] == ["ready"] * len(stored)
+    assert store.ready_count()[0] == 300 * len(stored)
+    assert len(stored) >= 2
+    keys = store.take(600)
+    store.delivered(k.key_id for k in keys)
+    store.add_block(block, "bob", [os.urandom(32)] * 300, "ready", {})
+    assert store.block_state(block) == "ready"
+    store.close()

@@ -60,6 +60,7 @@ def alice_payload() -> dict[str, Any]:
         keys=1609,
         auth_bytes=4096,
         phi_z=0.031,
+        key_length=416_000,
         seconds=2.5,
     )
     return {
@@ -108,6 +109,9 @@ def alice_payload() -> dict[str, Any]:
         "decoy_gain": 0.0042,
         "vacuum_gain": 0.00002,
         "pulses": {"signal": 50_000_000, "decoy": 35_000_000, "vacuum": 15_000_000},
+        "rss_bytes": 81_000_000,
+        "open_fds": 23,
+        "asyncio_tasks": 17,
         "tags_per_s": 250_000.5,
         "coincidences_per_s": 4_800.25,
         "sifted_bits_per_s": 2_400.0,

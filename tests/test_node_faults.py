@@ -16,13 +16,18 @@ import itertools
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Self
 
+import aiomqtt
 import pytest
 
 from qnoded.broker import free_port
@@ -34,7 +39,8 @@ from qnoded.demo import (
     spawn_node,
     stop_node,
 )
-from qnoded.mqtt import Subscriber
+from qnoded.keystore import key_ids
+from qnoded.mqtt import Subscriber, collect
 
 pytestmark = pytest.mark.slow
 
@@ -369,12 +375,94 @@ def test_watchdog_pings_stop_while_the_pipeline_is_stalled(
         sock.close()
 
 
+class Block(NamedTuple):
+    state: str
+    keys: int
+    created: float  # time.time() at the node
+
+
+def stored_blocks(db: Path) -> dict[str, Block]:
+    """A node's key store, read-only while the node writes it: block ID -> its row.
+    Delivered keys leave the store, their block's row stays, and the key IDs follow
+    from it (``qnoded.keystore.key_ids``).  Empty until the node has made its store."""
+    if not db.exists():
+        return {}
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+        try:
+            rows = con.execute("SELECT block_id, state, n_keys, created FROM blocks").fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return {}  # the node is creating it right now
+    return {bid: Block(state, n, created) for bid, state, n, created in rows}
+
+
+def ready_blocks(db: Path) -> dict[str, int]:
+    """Committed blocks -> their key counts: equal at two nodes means the same key IDs."""
+    return {bid: b.keys for bid, b in stored_blocks(db).items() if b.state == "ready"}
+
+
+def key_id_set(blocks: dict[str, int]) -> set[str]:
+    return {str(k) for bid, n in blocks.items() for k in key_ids(uuid.UUID(bid), n)}
+
+
+class KeyTap:
+    """A key consumer on every node's ``keys/<peer>`` topic, on a thread of its own (it
+    spans the test's phases), subscribing again after a broker outage: each node's key
+    messages in arrival order, ``keys[node]``."""
+
+    def __init__(self, broker: tuple[str, int]) -> None:
+        self.broker = broker
+        self.keys: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.subscribed = threading.Event()
+        self._stop: Any = None  # the reader's cancel, once it runs
+        self._thread = threading.Thread(target=self._main, name="key-tap", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        assert self.subscribed.wait(10), "the key tap did not subscribe within 10 s"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self._stop()
+        self._thread.join(10)
+
+    def _main(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(self._read())
+
+    async def _read(self) -> None:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        self._stop = lambda: loop.call_soon_threadsafe(task.cancel)
+        while True:
+            with contextlib.suppress(aiomqtt.MqttError):  # the broker is away: again
+                async with Subscriber(self.broker, "qkd/v1/+/keys/+") as sub:
+                    self.subscribed.set()
+                    async for msg in sub:
+                        self.keys[msg.topic.split("/")[2]].append(msg.payload)
+            await asyncio.sleep(0.2)
+
+    def delivered(self, node: str) -> dict[str, str]:
+        """Key ID -> key (Base64) for each key seen from ``node``; each at most once."""
+        docs = list(self.keys[node])
+        twice = [k for k, n in Counter(d["key_ID"] for d in docs).items() if n > 1]
+        assert not twice, f"{node} delivered {len(twice)} key(s) twice: {twice[:3]}"
+        return {d["key_ID"]: d["key"] for d in docs}
+
+
+def audit_delivered(nodes: Nodes, role: str) -> list[str]:
+    """The key IDs a node's audit trail says it delivered, in order."""
+    return [i for e in nodes.log(role) if e.get("event") == "key delivered" for i in e["key_ids"]]
+
+
 def test_broker_outage_keys_go_on_and_status_returns(tmp_path: Path) -> None:
     from qnoded.broker import MosquittoBroker
 
-    with MosquittoBroker() as broker:
+    with MosquittoBroker() as broker, KeyTap(broker.address) as tap:
         addr = (broker.host, broker.port)
-        nodes = Nodes(tmp_path, addr, _args())
+        nodes = Nodes(tmp_path, addr, _args(block_bits=20_000))  # about a block a second
         try:
             nodes.start("alice")
             nodes.start("bob")
@@ -386,9 +474,17 @@ def test_broker_outage_keys_go_on_and_status_returns(tmp_path: Path) -> None:
                 )
             )
             sifted_before = before["telemetry"][-1]["sifted_bits"]
+            stores = {role: tmp_path / role / "keys.db" for role in ("alice", "bob")}
+            outage = [time.time()]
             broker.kill()
             time.sleep(3)  # the outage itself: nothing to wait on but the clock
+            # ... and on until a block was made without the broker (key goes on).
+            deadline = time.monotonic() + 30
+            while all(b.created < outage[0] for b in stored_blocks(stores["alice"]).values()):
+                assert time.monotonic() < deadline, "no block made while the broker was down"
+                time.sleep(0.2)
             broker.start()
+            outage.append(time.time())
             t0 = time.monotonic()
             after = asyncio.run(
                 watch(addr, "bob", lambda s: bool(s["telemetry"]) and bool(s["status"]), timeout=15)
@@ -407,6 +503,42 @@ def test_broker_outage_keys_go_on_and_status_returns(tmp_path: Path) -> None:
             ups = [e for e in nodes.log("bob") if e.get("event") == "mqtt up"]
             assert len(downs) == 1  # one line down, one up: not one per retry
             assert len(ups) == 1
+
+            # Key made in the outage waited in the stores and went out once the broker
+            # was back; both stores hold the same blocks, so the same key IDs (polled: for
+            # a moment Bob holds pending a block Alice has committed).
+            in_outage = {
+                bid: b.keys
+                for bid, b in stored_blocks(stores["alice"]).items()
+                if outage[0] <= b.created <= outage[1]
+            }
+            deadline = time.monotonic() + 20
+            while True:
+                alice, bob = (ready_blocks(stores[role]) for role in ("alice", "bob"))
+                sent = {role: set(audit_delivered(nodes, role)) for role in ("alice", "bob")}
+                ids = [{d["key_ID"] for d in list(tap.keys[r])} for r in ("alice", "bob")]
+                seen = ids[0] & ids[1]  # some key on both topics, as a consumer gets them
+                if alice == bob and seen and all(key_id_set(in_outage) <= s for s in sent.values()):
+                    break
+                assert time.monotonic() < deadline, "the key stores do not agree"
+                time.sleep(0.2)
+            for role in ("alice", "bob"):
+                # Each key out at most once, the outage and its reconnect included, and
+                # only keys of this node's blocks (its store read last: it only grows).
+                audit, tapped = audit_delivered(nodes, role), set(tap.delivered(role))
+                made = key_id_set(ready_blocks(stores[role]))
+                assert len(audit) == len(set(audit)), f"{role} delivered a key twice"
+                assert set(audit) <= made and tapped <= made
+            # Both nodes' status is retained again: a dashboard that connects now reads it.
+            status = asyncio.run(collect(*addr, "qkd/v1/+/status", count=2, timeout=5))
+            assert {m.topic: (m.retain, m.payload["state"]) for m in status} == {
+                f"qkd/v1/{role}/status": (True, "running") for role in ("alice", "bob")
+            }
+            a, b = tap.delivered("alice"), tap.delivered("bob")
+            both = a.keys() & b.keys()
+            assert both, "no key seen on both key topics"
+            differ = [k for k in both if a[k] != b[k]]  # IDs only: no key bytes in a report
+            assert not differ, f"{len(differ)} key(s) differ between the nodes: {differ[:3]}"
         finally:
             nodes.kill_all()
 

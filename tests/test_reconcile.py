@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qnoded import reconcile
 from qnoded.estimation import h2
@@ -115,3 +117,61 @@ def test_wrong_answers_end_in_a_named_error_not_a_loop() -> None:
         while q is not None:
             q = b.next_query(a.answer(q) ^ 1)
     assert b.corrected > 2_000
+
+
+def test_a_rejected_answer_changes_nothing() -> None:
+    # Bob refuses answers that are not parities before his state moves: the
+    # exchange goes on with the right ones and ends as if nothing happened.
+    a, b = noisy_pair(20_000, 0.03, seed=11)
+    plan = CascadePlan.for_qber(20_000, 0.03, seed=12)
+    alice = CascadeAlice(a, plan)
+    bob = CascadeBob(b, plan, alice.top_parities())
+    q = bob.next_query()
+    rejected = 0
+    while q is not None:
+        ans = alice.answer(q)
+        bad = ans.copy()
+        bad[len(bad) // 2] = 2
+        with pytest.raises(ReconcileError, match="not a parity"):
+            bob.next_query(bad)
+        with pytest.raises(ReconcileError, match="no answers came"):
+            bob.next_query()
+        rejected += 1
+        q = bob.next_query(ans)
+    assert rejected == bob.rounds
+    assert np.array_equal(bob.bits, a)
+    assert bob.leaked_bits == alice.leaked_bits
+
+
+@st.composite
+def cascade_cases(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, CascadePlan]:
+    frame = 1 << draw(st.integers(1, 10))
+    n = draw(st.integers(2, 3000))
+    sizes = tuple(
+        1 << draw(st.integers(0, frame.bit_length() - 1)) for _ in range(draw(st.integers(1, 6)))
+    )
+    plan = CascadePlan(n=n, block_sizes=sizes, seed=draw(st.integers(0, 2**64 - 1)), frame=frame)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    a = rng.integers(0, 2, n, dtype=np.uint8)
+    b = a ^ (rng.random(n) < draw(st.floats(0.0, 0.3))).astype(np.uint8)
+    return a, b, plan
+
+
+@given(cascade_cases())
+@settings(max_examples=150, deadline=None)
+def test_cascade_ends_with_every_block_of_every_pass_even(
+    case: tuple[np.ndarray, np.ndarray, CascadePlan],
+) -> None:
+    # Whatever the plan and the errors: Cascade stops only when Bob's parity of
+    # every block of every pass equals Alice's, flips only bits it counts, and
+    # both sides count the same disclosures.
+    a, b, plan = case
+    out = reconcile.reconcile_local(a, b, plan)
+    for p in range(len(plan.block_sizes)):
+        assert np.array_equal(
+            reconcile.block_parities(out.bits, plan, p), reconcile.block_parities(a, plan, p)
+        )
+    assert out.corrected == int(np.count_nonzero(out.bits != b))
+    # Only true errors are flipped: what is left differs from Alice in pairs.
+    assert int(np.count_nonzero(out.bits != a)) == int(np.count_nonzero(a != b)) - out.corrected
+    assert out.leaked_bits >= sum(plan.n_blocks(p) for p in range(len(plan.block_sizes)))

@@ -36,7 +36,6 @@ sorted out.  Every error names the file and the byte offset or record number.
 from __future__ import annotations
 
 import enum
-import math
 import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -283,7 +282,8 @@ def read_header(path: str | os.PathLike[str]) -> PTUHeader:
     if bits is not None and bits != 32:
         raise PTUError(f"{p}: TTResultFormat_BitsPerRecord is {bits!r}; {fmt.name} records are 32")
     res = tags.get("MeasDesc_GlobalResolution")
-    if not isinstance(res, float) or not math.isfinite(res) or res <= 0:
+    # In picoseconds it must fit int64: 1e300 s is finite, yet round(1e312) overflows.
+    if not isinstance(res, float) or not 0 < res * 1e12 < 2**63:
         raise PTUError(f"{p}: MeasDesc_GlobalResolution (Float8, seconds) missing or {res!r}")
     res_ps = round(res * 1e12)
     # Tags are integer picoseconds end to end; a fractional unit would need

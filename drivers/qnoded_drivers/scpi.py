@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 
-_ENTRY = re.compile(r'([+-]?\d+),"(.*)"')
+# ASCII digits, at most 18: int() takes other scripts' digits and refuses over 4300 digits
+# with a message that names neither the answer nor the field.
+_ENTRY = re.compile(r'([+-]?[0-9]{1,18}),"(.*)"')
 
 
 def parse_error_entry(text: str) -> tuple[int, str]:

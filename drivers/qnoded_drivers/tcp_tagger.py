@@ -68,9 +68,10 @@ What the driver does with what can go wrong
 
 - Bad framing (magic, version, unknown flags, header CRC, a record count over
   the limit), records out of order, outside their frame's span or on an
-  unknown channel, a frame that starts before the previous one ended:
-  :class:`TaggerFrameError`.  The stream can no longer be trusted to be in
-  step, so it raises, and the node reopens it (a new connection).
+  unknown channel, a frame that starts before the previous one ended or spans
+  more than ``MAX_FRAME_BATCHES`` batches: :class:`TaggerFrameError`.  The
+  stream can no longer be trusted to be in step, so it raises, and the node
+  reopens it (a new connection).
 - A sequence gap, an OVERFLOW flag or a payload CRC mismatch: tags were lost
   in a span the driver knows exactly (absolute times, tiled frames).  Every
   batch that overlaps the span is *left out*: its ``seq`` is skipped, which
@@ -126,6 +127,10 @@ FRAME_MAGIC = b"QTTF"
 RECORD = np.dtype([("t", "<i8"), ("ch", "u1")])  # packed: 9 bytes
 FLAG_OVERFLOW = 0x01
 MAX_RECORDS = 1 << 20
+# Batches one frame may complete: a frame spans about a second (the heartbeat), which is
+# 100 batches at the default 10 ms.  One declaring far more is corrupt, and cutting it
+# batch by batch would not end (2**62 ps: 4.6e12 batches of 1 us).
+MAX_FRAME_BATCHES = 1 << 16
 _ERROR_QUEUE_MAX = 32  # SYST:ERR? reads that may be needed to empty a queue on connect
 
 _OPTIONS = ("host", "port", "batch_duration_ps", "timeout_s", "max_lost_batches")
@@ -202,6 +207,8 @@ class FrameHeader:
 
 def decode_header(data: bytes) -> FrameHeader:
     """Parse and check a header; ``ValueError`` saying what is wrong."""
+    if len(data) != HEADER.size:  # else struct.error, which is no ValueError
+        raise ValueError(f"header of {len(data)} bytes, expected {HEADER.size}")
     magic, version, flags, _, seq, t0, t1, count, lost, payload_crc, header_crc = HEADER.unpack(
         data
     )
@@ -238,6 +245,11 @@ def decode_records(head: FrameHeader, payload: bytes, channels: frozenset[int]) 
     """Records of a frame whose header checked out.  A CRC mismatch gives an empty,
     not-ok frame (the span is known, its tags are not); records that break the
     protocol raise ``ValueError``."""
+    if len(payload) != head.count * RECORD.itemsize:
+        raise ValueError(
+            f"{len(payload)} record bytes, the header declares {head.count} records "
+            f"({head.count * RECORD.itemsize} bytes)"
+        )
     if zlib.crc32(payload) != head.payload_crc:
         e64, e8 = np.empty(0, np.int64), np.empty(0, np.uint8)
         return Frame(head.seq, head.t0_ps, head.t1_ps, head.flags, head.lost, e64, e8, False)
@@ -328,6 +340,11 @@ class Assembler:
         lost spans.  ``ValueError`` if the frame cannot follow the previous one;
         :class:`_TaggerRestartedError` if the tagger's frame numbers went back."""
         new: list[LostSpan] = []
+        if frame.t1_ps - frame.t0_ps > MAX_FRAME_BATCHES * self.duration_ps:
+            raise ValueError(
+                f"frame {frame.seq} spans [{frame.t0_ps}, {frame.t1_ps}) ps, more than "
+                f"{MAX_FRAME_BATCHES} batches of {self.duration_ps} ps"
+            )
         if self.next_frame is not None and self.covered_ps is not None:
             if frame.seq < self.next_frame:
                 raise _TaggerRestartedError(
@@ -638,6 +655,10 @@ class TcpTimeTagger:
             data_port = int(port)
         except ValueError:
             raise TaggerCommandError(f"{self._ctl.where}: 'STRM:PORT?' answered {port!r}") from None
+        if not 0 < data_port < 65536:  # else connecting raises OverflowError, not OSError
+            raise TaggerCommandError(
+                f"{self._ctl.where}: 'STRM:PORT?' answered {port!r}, not a TCP port (1..65535)"
+            )
         if self._identified and chans != self._channels:
             raise TaggerCommandError(
                 f"{self._ctl.where}: channels changed from {self._channels} to {chans} "

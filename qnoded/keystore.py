@@ -37,6 +37,10 @@ BlockState = Literal["pending", "ready"]
 
 audit = structlog.get_logger("qnoded.audit")
 
+# Blocks go out in the order they were stored: by rowid (SQLite gives a new row one
+# more than the largest; VACUUM may renumber but keeps the order), not by ``created``.
+# ``created`` is the wall clock, which can step back (NTP, an operator): keys made
+# after such a step would overtake older ones.  tests/test_clock_jump.py steps it.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (
     block_id TEXT PRIMARY KEY,
@@ -217,7 +221,7 @@ class KeyStore:
 
     def pending_blocks(self) -> list[uuid.UUID]:
         rows = self._db.execute(
-            "SELECT block_id FROM blocks WHERE state = 'pending' ORDER BY created"
+            "SELECT block_id FROM blocks WHERE state = 'pending' ORDER BY rowid"
         ).fetchall()
         return [uuid.UUID(r[0]) for r in rows]
 
@@ -238,7 +242,7 @@ class KeyStore:
             rows = cur.execute(
                 "SELECT k.key_id, k.material, k.block_id FROM keys k"
                 " JOIN blocks b ON b.block_id = k.block_id"
-                " WHERE k.state = 'ready' ORDER BY b.created, k.idx LIMIT ?",
+                " WHERE k.state = 'ready' ORDER BY b.rowid, k.idx LIMIT ?",
                 (count,),
             ).fetchall()
             if exactly and len(rows) < count:

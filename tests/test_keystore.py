@@ -82,6 +82,27 @@ def test_delivery_is_at_most_once(tmp_path: Path) -> None:
     again.close()
 
 
+def test_blocks_go_out_in_the_order_stored_when_the_wall_clock_steps_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An NTP step or an operator sets the clock back an hour between two blocks: the
+    older block's keys still go out first, and a pending block is recovered first."""
+    import qnoded.keystore
+
+    clock = iter([1_800_000_000.0, 1_800_000_000.0 - 3600, 1_800_000_000.0 - 7200])
+    monkeypatch.setattr(qnoded.keystore.time, "time", lambda: next(clock))
+    with KeyStore(tmp_path / "keys.db") as store:
+        old, new = uuid.uuid4(), uuid.uuid4()
+        store.add_block(old, "bob", [b"\x01" * 32] * 3, "ready", {})
+        store.add_block(new, "bob", [b"\x02" * 32] * 3, "ready", {})
+        assert [k.block_id for k in store.take(4)] == [old] * 3 + [new]
+        p1, p2 = uuid.uuid4(), uuid.uuid4()
+        store.add_block(p1, "bob", [b"\x03" * 32], "pending", {})
+        monkeypatch.setattr(qnoded.keystore.time, "time", lambda: 1_700_000_000.0)
+        store.add_block(p2, "bob", [b"\x04" * 32], "pending", {})
+        assert store.pending_blocks() == [p1, p2]
+
+
 def test_deleted_key_bytes_are_not_in_the_files(tmp_path: Path) -> None:
     path = tmp_path / "keys.db"
     secret = b"\x5a\xc3" * 16

@@ -457,10 +457,11 @@ def test_laser_choices_are_the_links_and_counts_are_exact() -> None:
     counts = laser.count_classes(end - 200_000, 1_000_000)
     np.testing.assert_array_equal(counts, np.bincount(rec.intensity, minlength=4))
     sync = laser.sync_slots(end - 200_000, 1_000_000)
-    assert sync.max() < end
-    np.testing.assert_array_equal(
-        np.flatnonzero(rec.intensity == IntensityClass.SYNC) + end - 200_000, sync
-    )
+    assert sync.min() >= end - 200_000 and sync.max() < end
+    # Every slot of the window is SYNC to Alice's record, the dark ones too: they
+    # are public, so they may be neither key nor decoy-state vacuum pulses.
+    assert np.all(rec.intensity[:200_000] == IntensityClass.SYNC)
+    assert not np.any(rec.intensity[200_000:] == IntensityClass.SYNC)
     _within(sync.shape[0] / 200_000, 0.01, math.sqrt(0.01 / 200_000))
     assert np.all(rec.basis[:200_000][rec.intensity[:200_000] == IntensityClass.SYNC] == 0)
     key = rec.intensity[200_000:]
@@ -499,8 +500,9 @@ def test_periodic_sync_windows_come_back() -> None:
     slots = np.arange(first, first + n, dtype=np.int64)
     in_window = (slots % period) < window
     is_sync = rec.intensity == IntensityClass.SYNC
-    assert not np.any(is_sync & ~in_window) and np.any(is_sync[in_window])
-    np.testing.assert_array_equal(laser.sync_slots(first, n), slots[is_sync])
+    np.testing.assert_array_equal(is_sync, in_window)
+    bright = laser.sync_slots(first, n)
+    assert bright.shape[0] and np.all(in_window[bright - first])
     np.testing.assert_array_equal(
         laser.count_classes(first, n), np.bincount(rec.intensity, minlength=4)
     )

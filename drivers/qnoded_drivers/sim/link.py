@@ -43,9 +43,11 @@ sync pattern: slot ``k`` is bright (class SYNC, mean photon number
 ``sync_period_ps`` > 0 the sync window comes back every period (true time
 ``[j*period, j*period + duration)``), so a node that drops its lock (an
 operator's recalibration, a restarted tagger) locks again at the next
-window, as a real source would after Alice puts it back into SYNC mode.  The
-dark slots of a window are vacuum pulses to the estimator; the demo keeps the
-single window (``sync_period_ps`` 0), so no window falls inside a key block.
+window, as a real source would after Alice puts it back into SYNC mode.
+Alice records every slot of a window as class SYNC, bright or dark: the pattern
+is public, so Eve knows which slots are dark, and a vacuum pulse she can tell
+apart is no decoy (the decoy-state bound needs classes she cannot see).  So no
+slot of a window is sifted or counted by the estimator.
 
 Gated detectors (BB84 only: the gates follow the pulse slots) have
 ``dark_count_rate_hz * period`` dark-click probability per gate, i.e. the
@@ -336,7 +338,13 @@ class SimulatedLink:
 
     # -- Alice's choices (pure functions of the seeds and the slot) ----------------
     def choices(self, slots: I64) -> tuple[U8, U8, U8]:
-        """Basis, bit and intensity class of each slot, as emitted."""
+        """Basis, bit and intensity class of each slot, as Alice records them
+        (every slot of a sync window is class SYNC)."""
+        basis, bit, cls, _ = self._emitted(slots)
+        return basis, bit, cls
+
+    def _emitted(self, slots: I64) -> tuple[U8, U8, U8, F64]:
+        """Alice's record of each slot, and its mean photon number as emitted."""
         p = self.p
         slots = np.asarray(slots, dtype=np.int64)
         h = hash_bits(p.alice_qrng_seed, _CHOICE, slots)
@@ -345,12 +353,14 @@ class SimulatedLink:
         # classes from the high bits: SIGNAL below p_signal, DECOY below p_s + p_d
         intensity = (~_below(h, self._thr_signal)).astype(np.uint8)
         intensity += ~_below(h, self._thr_decoy)
+        mu = self._mu[intensity]
         in_sync = p.in_sync(slots)
         if np.any(in_sync):
             bright = _below(hash_bits(p.link_seed, _SYNC, slots[in_sync]), self._thr_sync)
-            intensity[in_sync] = np.where(bright, IntensityClass.SYNC, IntensityClass.VACUUM)
+            mu[in_sync] = np.where(bright, p.mu_signal, 0.0)
+            intensity[in_sync] = IntensityClass.SYNC
             basis[in_sync] = 0
-        return basis, bit, intensity
+        return basis, bit, intensity, mu
 
     def count_classes(self, first: int, n: int) -> I64:
         """Exact number of pulses of each class in slots ``[first, first + n)``."""
@@ -367,12 +377,7 @@ class SimulatedLink:
                 counts[IntensityClass.SIGNAL] += n_sig
                 counts[IntensityClass.DECOY] += n_low - n_sig
                 counts[IntensityClass.VACUUM] += hi - lo - n_low
-            for lo in range(s_lo, s_hi, CHUNK):  # the sync pattern
-                hi = min(s_hi, lo + CHUNK)
-                h = hash_bits(p.link_seed, _SYNC, np.arange(lo, hi, dtype=np.int64))
-                bright = int(np.count_nonzero(_below(h, self._thr_sync)))
-                counts[IntensityClass.SYNC] += bright
-                counts[IntensityClass.VACUUM] += hi - lo - bright
+            counts[IntensityClass.SYNC] += max(0, s_hi - max(at, s_lo))  # the sync pattern
             at = max(at, s_hi)
         return counts
 
@@ -442,8 +447,8 @@ class SimulatedLink:
             parts.append(parts[-1][-1] + np.cumsum(more))
         pos = np.concatenate(parts) - 1
         slots = k0 + pos[pos < n_slots].astype(np.int64)
-        basis_a, bit_a, cls = self.choices(slots)
-        lam = eta * self._mu[cls]
+        basis_a, bit_a, _, mu = self._emitted(slots)
+        lam = eta * mu
         accept = rng.random(slots.shape[0]) * p_max < -np.expm1(-lam)
         slots, basis_a, bit_a, lam = slots[accept], basis_a[accept], bit_a[accept], lam[accept]
         if p.eve_fraction > 0:

@@ -2,18 +2,27 @@
 
     python bench/bench_daemon.py [--seconds-of-data 4] [--pair-rate 2e7]
 
-Recorded-looking BBM92 tag streams are generated up front and replayed by the
-``replay-tagger`` driver at full speed, so the figure is the daemon's: ingest,
-framing over the peer TCP link, lock, C coincidences, sifting and QBER
-sampling, with telemetry over a private Mosquitto.  Prints tags/s from the
-nodes' own telemetry, and dropped batches.
+Recorded-looking BBM92 tag streams are generated up front and replayed at full
+speed, so the figure is the daemon's: ingest, framing over the peer TCP link,
+lock, C coincidences, sifting and QBER sampling, with telemetry over a private
+Mosquitto.  Two paths in the same run, on the same recordings:
+
+- in-process: both nodes read their recording with the ``replay-tagger`` driver;
+- TCP tagger: Bob's tags come from ``hil/tcp_tagger.py --replay`` over loopback
+  (control port, framed CRC-checked records on the data port) through the
+  ``tcp-tagger`` driver, as from a streaming time tagger on the network.
+
+Prints tags/s from the nodes' own telemetry, dropped batches, and the TCP path
+against the in-process one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import select
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +35,16 @@ from qnoded.broker import MosquittoBroker, free_port
 from qnoded.demo import demo_psk, spawn_node, stop_node
 from qnoded.mqtt import Subscriber
 
+EMULATOR = Path(__file__).resolve().parent.parent / "hil" / "tcp_tagger.py"
+EMULATOR_CMD = (sys.executable, str(EMULATOR))
+FRAME_RECORDS = 65536  # tags per frame on the emulator's wire
 
-def config(role: str, broker: str, port: int, state: Path, recording: Path) -> str:
+
+def replay_table(recording: Path) -> str:
+    return f'[devices.tagger]\ndriver = "replay-tagger"\nfile = "{recording}"\n'
+
+
+def config(role: str, broker: str, port: int, state: Path, tagger: str) -> str:
     peer = f'listen = "127.0.0.1:{port}"' if role == "alice" else f'connect = "127.0.0.1:{port}"'
     return f"""
 [node]
@@ -48,10 +65,7 @@ max_batches_in_flight = 32
 directory = "{state / role}"
 [auth]
 psk_file = "{demo_psk(state)}"
-[devices.tagger]
-driver = "replay-tagger"
-file = "{recording}"
-"""
+{tagger}"""
 
 
 async def follow(
@@ -82,6 +96,72 @@ async def follow(
     return {"elapsed": moved["time"] - first_t, "alice": moved, "bob": last["bob"]}
 
 
+class TaggerEmulator:
+    """hil/tcp_tagger.py replaying a recording, up once it printed its READY line."""
+
+    def __init__(self, recording: Path) -> None:
+        self.proc = subprocess.Popen(
+            [*EMULATOR_CMD, "--replay", str(recording), "--frame-records", str(FRAME_RECORDS)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30.0)
+        line = self.proc.stdout.readline().split() if ready else []
+        if not line or line[0] != "READY":
+            self.stop()
+            raise RuntimeError(f"tagger emulator did not start: {line}")
+        self.host, port = line[1].rsplit(":", 1)
+        self.port = int(port)
+
+    def table(self, batch_ps: int) -> str:
+        return (
+            f'[devices.tagger]\ndriver = "tcp-tagger"\nhost = "{self.host}"\n'
+            f"port = {self.port}\nbatch_duration_ps = {batch_ps}\n"
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_pair(
+    work: Path, broker: MosquittoBroker, tables: dict[str, str], bob_total: int
+) -> dict[str, Any]:
+    """Alice and Bob on these tagger tables until Bob's recording has gone through."""
+    work.mkdir()
+    port = free_port()
+    procs = []
+    for role in ("alice", "bob"):
+        cfg = work / f"{role}.toml"
+        cfg.write_text(config(role, f"{broker.host}:{broker.port}", port, work, tables[role]))
+        procs.append(spawn_node(cfg, work / f"{role}.log"))
+        time.sleep(0.5 if role == "alice" else 0)
+    try:
+        return asyncio.run(follow(broker.host, broker.port, bob_total, procs))
+    finally:
+        for p in reversed(procs):
+            stop_node(p)
+
+
+def report(path: str, r: dict[str, Any]) -> float:
+    a = r["alice"]
+    # Alice's count holds her own tags and Bob's that went through the kernel.
+    tags = a["tags_processed"]
+    rate = tags / r["elapsed"]
+    print(
+        f"{path}: {tags:,} tags in {r['elapsed']:.2f} s = {rate / 1e6:.1f} M tags/s; "
+        f"coincidences {a['coincidences']:,}, sifted {a['sifted_bits']:,}, "
+        f"QBER {a['qber']:.4f}, drift {a['drift_ppm']:.3f} ppm; dropped batches "
+        f"alice {a['dropped_batches']} bob {r['bob']['dropped_batches']}"
+    )
+    return rate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds-of-data", type=float, default=4.0)
@@ -89,6 +169,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="qnoded-bench-"))
     alice_b, bob_b = make_streams(args.seconds_of_data, args.pair_rate)
+    batch_ps = alice_b[0].stop_ps - alice_b[0].start_ps
     files = {}
     for role, batches in (("alice", alice_b), ("bob", bob_b)):
         files[role] = work / f"{role}.npz"
@@ -96,44 +177,26 @@ def main() -> None:
             files[role],
             timestamps_ps=np.concatenate([b.timestamps_ps for b in batches]),
             channels=np.concatenate([b.channels for b in batches]),
-            batch_duration_ps=np.array([batches[0].stop_ps - batches[0].start_ps]),
+            batch_duration_ps=np.array([batch_ps]),
         )
     n_a, n_b = sum(len(b) for b in alice_b), sum(len(b) for b in bob_b)
     del alice_b, bob_b
     print(
         f"replaying {n_a + n_b:,} tags ({n_a:,} Alice, {n_b:,} Bob), "
-        f"{args.seconds_of_data} s of link time"
+        f"{args.seconds_of_data} s of link time at "
+        f"{(n_a + n_b) / args.seconds_of_data / 1e6:.1f} M tags/s; "
+        "two processes, TCP peer link, 2 cores"
     )
+    local = {role: replay_table(files[role]) for role in ("alice", "bob")}
     with MosquittoBroker() as broker:
-        port = free_port()
-        procs = []
-        for role in ("alice", "bob"):
-            cfg = work / f"{role}.toml"
-            cfg.write_text(config(role, f"{broker.host}:{broker.port}", port, work, files[role]))
-            procs.append(spawn_node(cfg, work / f"{role}.log"))
-            time.sleep(0.5 if role == "alice" else 0)
+        inproc = report("in-process replay", run_pair(work / "inproc", broker, local, n_b))
+        emulator = TaggerEmulator(files["bob"])
         try:
-            r = asyncio.run(follow(broker.host, broker.port, n_b, procs))
+            tables = {"alice": local["alice"], "bob": emulator.table(batch_ps)}
+            tcp = report("Bob on the TCP tagger", run_pair(work / "tcp", broker, tables, n_b))
         finally:
-            for p in reversed(procs):
-                stop_node(p)
-    a = r["alice"]
-    # Alice's count holds her own tags and Bob's that went through the kernel.
-    tags = a["tags_processed"]
-    rate = tags / r["elapsed"]
-    print(
-        f"daemon pipeline: {tags:,} tags in {r['elapsed']:.2f} s = {rate / 1e6:.1f} M tags/s "
-        f"(two processes, TCP peer link, 2 cores)"
-    )
-    print(
-        f"coincidences {a['coincidences']:,}, sifted {a['sifted_bits']:,}, QBER {a['qber']:.4f}, "
-        f"drift {a['drift_ppm']:.3f} ppm, dropped batches alice {a['dropped_batches']} "
-        f"bob {r['bob']['dropped_batches']}"
-    )
-    print(
-        f"link real-time rate {(n_a + n_b) / args.seconds_of_data / 1e6:.1f} M tags/s; "
-        f"logs in {work}"
-    )
+            emulator.stop()
+    print(f"TCP tagger path / in-process path: {tcp / inproc:.2f}; logs in {work}")
 
 
 if __name__ == "__main__":

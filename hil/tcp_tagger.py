@@ -10,6 +10,11 @@ simulated Alice that runs the same table.
     python hil/tcp_tagger.py --config bob.toml [--port 0] [--data-port 0]
         [--protocol bb84|bbm92] [--role bob|alice] [--frame-records 4096]
         [--drift-ppm X] [--fault NAME[,ARG][@FRAME]] ...
+    python hil/tcp_tagger.py --replay bob.npz|bob.ptu [--port 0] ...
+
+With ``--replay`` it streams a recording instead (what the ``replay-tagger``
+driver would read from it: as fast as the client takes it, then empty batches
+in real time), for the TCP path's benchmark (bench/bench_daemon.py).
 
 ``--config`` is a TOML or JSON file with a ``simulation`` table (a node's own
 config does: its ``[node]`` gives protocol and role, its ``[devices.*]``
@@ -59,6 +64,7 @@ from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
+from qnoded_drivers.replay import ReplayTagger
 from qnoded_drivers.sim.detector import SimSNSPD, SimSPAD
 from qnoded_drivers.sim.tagger import SimTimeTagger
 from qnoded_drivers.tcp_tagger import (
@@ -70,7 +76,7 @@ from qnoded_drivers.tcp_tagger import (
     encode_frame,
 )
 
-from qnoded.contracts import DriverContext, TagBatch
+from qnoded.contracts import DriverContext, TagBatch, TimeTagger
 
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
@@ -176,7 +182,7 @@ class Emulator:
 
     def __init__(
         self,
-        tagger: SimTimeTagger,
+        tagger: TimeTagger,
         *,
         frame_records: int = 4096,
         drift_ppm: float = 0.0,
@@ -473,11 +479,17 @@ def build_tagger(
 
 
 async def serve(args: argparse.Namespace) -> int:
-    doc = load_config(Path(args.config))
-    tagger, detectors = build_tagger(doc, args.protocol, args.role)
-    p = doc["simulation"]
-    if p.get("realtime", False) and p.get("batch_duration_ps", 10**10) > MAX_REALTIME_BATCH_PS:
-        raise ValueError("realtime batches longer than 0.5 s would break the 1 s heartbeat")
+    tagger: TimeTagger
+    detectors: list[Any] = []
+    if args.replay is not None:
+        ctx = DriverContext(node_id="tcp-tagger-emulator", role="bob", protocol="bbm92")
+        tagger = ReplayTagger("emulated", {"file": args.replay}, ctx)
+    else:
+        doc = load_config(Path(args.config))
+        tagger, detectors = build_tagger(doc, args.protocol, args.role)
+        p = doc["simulation"]
+        if p.get("realtime", False) and p.get("batch_duration_ps", 10**10) > MAX_REALTIME_BATCH_PS:
+            raise ValueError("realtime batches longer than 0.5 s would break the 1 s heartbeat")
     faults = []
     for text in args.fault:
         spec, _, at = text.partition("@")
@@ -509,7 +521,9 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="TOML or JSON with a simulation table")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="TOML or JSON with a simulation table")
+    source.add_argument("--replay", help="a recording (.npz or .ptu) to stream instead")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="control port (0: any free one)")
     parser.add_argument("--data-port", type=int, default=0, help="data port (0: any free one)")

@@ -167,6 +167,13 @@ class Laser(Device, Protocol):
     @property
     def class_probabilities(self) -> Mapping[IntensityClass, float]: ...
 
+    @property
+    def slot_clock_epoch(self) -> int:
+        """Changes whenever the source's slot clock may have restarted (an
+        instrument found power-cycled, its patterns gone): slot ``k`` before and
+        after are not the same instant, so a clock model made before is stale."""
+        ...
+
     async def set_mode(self, mode: LaserMode) -> None: ...
 
     async def set_output(self, enabled: bool) -> None: ...

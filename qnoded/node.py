@@ -351,6 +351,7 @@ class Node:
                 restored = self._restore_clock()
                 await self.laser.set_mode(LaserMode.KEY if restored else LaserMode.SYNC)
                 await self.laser.set_output(True)
+                tg.create_task(self._laser_watch(self.laser), name="laser-watch")
             tg.create_task(self._peer_loop(), name="peer")
 
     async def _tagger_loop(self, tagger: TimeTagger) -> None:
@@ -620,6 +621,41 @@ class Node:
         log.info("clock lock released", was_locked=was_locked, paused=self.hold.paused is not None)
         if not self._problems:
             await self._set_state("locking", "re-locking the clock (operator request)")
+
+    async def _laser_watch(self, laser: Laser) -> None:
+        """Ask the source every telemetry interval whether it answers.
+
+        A source that does not answer cannot vouch for what it emits (a
+        power-cycled controller has lost its patterns): key generation halts,
+        and the raw key sifted meanwhile goes when it answers again.  A source
+        whose slot clock may have restarted (``slot_clock_epoch`` moved: the
+        driver found its patterns gone and restored them) makes Alice's clock
+        model stale: she re-locks on the sync pattern.
+        """
+        interval = self.cfg.mqtt.telemetry_interval_s
+        epoch = laser.slot_clock_epoch
+        while True:
+            await asyncio.sleep(interval)
+            if not await laser.ping():
+                await self._problem(
+                    "laser-link",
+                    f"laser {laser.name!r} does not answer; key generation halted until it does",
+                )
+                self._halt_keys("laser-link")
+                continue
+            if laser.slot_clock_epoch != epoch:
+                epoch = laser.slot_clock_epoch
+                log.warning("source's slot clock restarted; re-locking", device=laser.name)
+                self._drop_sifted()
+                self.hold.unlock_due = True
+            if "laser-link" in self._problems:
+                self._drop_sifted()  # sifted while the source could not be vouched for
+                await self._resolved("laser-link")
+
+    def _drop_sifted(self) -> None:
+        for sifting in (self.alice, self.bob):
+            if sifting is not None:
+                sifting.sifted.clear()
 
     async def _laser_mode(self, mode: LaserMode) -> None:
         """Switch the source's mode; an instrument error is a fault (alarm, degraded),
@@ -1028,9 +1064,7 @@ class Node:
             self._halts.add(code)
             log.error("key generation halted", fault=code)
         self._set_halted()
-        for sifting in (self.alice, self.bob):
-            if sifting is not None:
-                sifting.sifted.clear()
+        self._drop_sifted()
 
     def _sync_halt(self) -> None:
         """Resume once no halting fault is active (one halt must not hide another)."""

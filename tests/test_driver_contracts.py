@@ -161,9 +161,13 @@ async def test_laser_contract(name: str) -> None:
         probs = laser.class_probabilities
         assert sum(probs.values()) == pytest.approx(1.0)
         assert laser.intensities[IntensityClass.VACUUM] == 0.0
+        epoch = laser.slot_clock_epoch
+        assert isinstance(epoch, int)
         await laser.set_mode(LaserMode.SYNC)
         await laser.set_mode(LaserMode.KEY)
         await laser.set_output(True)
+        assert await laser.ping()
+        assert laser.slot_clock_epoch == epoch  # nothing restarted meanwhile
         rec = laser.emissions(1000, 5000)
         assert rec.first_slot == 1000
         assert rec.n_slots == 5000

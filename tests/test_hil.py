@@ -20,8 +20,10 @@ import base64
 import hashlib
 import json
 import os
+import re
 import socket
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -32,6 +34,7 @@ from test_commands import Console
 from test_node_faults import key_id_set, ready_blocks, stored_blocks
 from test_scpi_detector import SerialDetectorEmulator
 from test_tcp_tagger import EmulatorProcess, _bb84_args, scpi
+from test_visa_modulator import Emulator as VisaModulatorEmulator
 
 from qnoded.broker import free_port
 from qnoded.demo import demo_psk, link_parameters, node_config, spawn_node, stop_node
@@ -157,7 +160,11 @@ def rig(
         config = request.config.getoption("--hil-bob-config")
         if not config:
             pytest.skip("--hil-target bench needs --hil-bob-config BOB.toml (hil/README.md)")
-        devices = Path(config).read_text().split("[devices", 1)
+        text = Path(config).read_text()
+        missing = absent_device(tomllib.loads(text).get("devices", {}))
+        if missing:
+            pytest.skip(missing)
+        devices = text.split("[devices", 1)
         r = Rig(tmp_path, mqtt_broker, "[devices" + devices[1], block_bits)
         r.start()
         yield r, None, None
@@ -181,6 +188,38 @@ def rig(
         r.stop()
         tagger.stop()
         det.stop()
+
+
+def absent_device(devices: dict[str, Any]) -> str | None:
+    """Why the bench cannot run: the first device whose port is not there, named."""
+    for name, row in devices.items():
+        port, host, resource = row.get("port"), row.get("host"), str(row.get("resource", ""))
+        if isinstance(port, str) and not Path(port).exists():
+            return f"[devices.{name}] {row.get('driver')}: no device at {port}"
+        visa = re.fullmatch(r"TCPIP\d*::([^:]+)::(\d+)::SOCKET", resource, re.IGNORECASE)
+        if visa:
+            host, port = visa.group(1), int(visa.group(2))
+        if isinstance(host, str) and isinstance(port, int):
+            try:
+                socket.create_connection((host, port), timeout=2.0).close()
+            except OSError as exc:
+                return f"[devices.{name}] {row.get('driver')}: nothing at {host}:{port} ({exc})"
+    return None
+
+
+def test_a_bench_device_that_is_not_there_is_named(tmp_path: Path) -> None:
+    closed = free_port()
+    assert absent_device({"det0": {"driver": "scpi-detector", "port": "/dev/ttyNONE9"}}) == (
+        "[devices.det0] scpi-detector: no device at /dev/ttyNONE9"
+    )
+    why = absent_device({"tagger": {"driver": "tcp-tagger", "host": "127.0.0.1", "port": closed}})
+    want = f"[devices.tagger] tcp-tagger: nothing at 127.0.0.1:{closed}"
+    assert why is not None and why.startswith(want), why
+    resource = f"TCPIP::127.0.0.1::{closed}::SOCKET"
+    why = absent_device({"laser": {"driver": "visa-modulator", "resource": resource}})
+    assert why is not None and f"127.0.0.1:{closed}" in why
+    (tmp_path / "ttyOK").touch()
+    assert absent_device({"det0": {"port": str(tmp_path / "ttyOK")}}) is None
 
 
 def test_ready_after_lock_then_watchdog_then_key_on_real_wires(rig: Any) -> None:
@@ -518,3 +557,97 @@ async def _latch_drill(r: Rig, det: SerialDetectorEmulator, wire_log: Path) -> d
         fig["blocks_refused_while_latched"] = con.refused() - refused_at
         fig["keys"] = await stores_agree(con, r)
     return fig
+
+
+# -- Alice's source on the wire: the VISA modulator --------------------------------------
+SOURCE_PATTERN_SLOTS = 1 << 16  # quick to upload, and again after a power cycle
+
+
+def test_source_unplugged_and_power_cycled_halts_key_then_relocks(
+    tmp_path: Path, mqtt_broker: tuple[str, int]
+) -> None:
+    """Alice's `qnoded run` drives the modulator emulator (hil/visa_modulator.py)
+    over pyvisa-py.  The instrument goes away (killed) and comes back power-cycled
+    on the same port, its pattern memories empty: a `laser-link` alarm and
+    `degraded` while it is away, key generation halted; back within 5 s with the
+    patterns uploaded again and verified, output on, and Alice re-locking (its slot
+    clock may have restarted).  One log line down and one up."""
+    emu = VisaModulatorEmulator()
+    emu.start()
+    args = _bb84_args()
+    addr = f"{mqtt_broker[0]}:{mqtt_broker[1]}"
+    text = node_config("alice", args, addr, free_port(), tmp_path, link_parameters(args))
+    sim_laser = '[devices.laser]\ndriver = "sim-laser"\n'
+    assert sim_laser in text
+    text = text.replace(
+        sim_laser,
+        f'[devices.laser]\ndriver = "visa-modulator"\nresource = "{emu.resource}"\n'
+        f"pattern_length = {SOURCE_PATTERN_SLOTS}\nsync_density = 0.01\ntimeout_s = 0.5\n",
+    )
+    (tmp_path / "alice.toml").write_text(text)
+    seen: list[tuple[float, str, dict[str, Any]]] = []  # (arrival, leaf, payload)
+
+    def codes(code: str) -> list[float]:
+        return [at for at, leaf, d in seen if leaf == "alarms" and d["code"] == code]
+
+    def states() -> list[str]:
+        return [d["state"] for _, leaf, d in seen if leaf == "status"]
+
+    async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert proc.poll() is None, f"alice exited: {proc.returncode}"
+            assert time.monotonic() < deadline, f"after {timeout:.0f} s: {what}: {seen[-5:]}"
+            await asyncio.sleep(0.05)
+
+    def programmed() -> bool:
+        """What the node asked for is what the instrument holds."""
+        return (
+            emu.query("PATT:LENG? KEY") == emu.query("PATT:LENG? SYNC") == str(SOURCE_PATTERN_SLOTS)
+            and emu.query("PATT:MODE?") == "SYNC"
+            and emu.query("OUTP?") == "1"
+        )
+
+    async def drill() -> tuple[float, float]:
+        async with Subscriber(mqtt_broker, "qkd/v1/alice/status", "qkd/v1/alice/alarms") as sub:
+
+            async def consume() -> None:
+                async for msg in sub:
+                    seen.append((time.monotonic(), msg.topic.rsplit("/", 1)[1], msg.payload))
+
+            consumer = asyncio.create_task(consume(), name="alice-watch")
+            try:
+                await until(lambda: "locking" in states(), 30, "no status from alice")
+                assert programmed()
+                emu.kill()  # pulled: the instrument is gone, connections refused
+                t_down = time.monotonic()
+                await until(lambda: bool(codes("laser-link")), 10, "no laser-link alarm")
+                await until(lambda: states()[-1] == "degraded", 5, "not degraded")
+                await asyncio.sleep(1.0)  # away for a while: the node keeps asking
+                emu.start()  # back on the same port, power-cycled: memories empty
+                t_back = time.monotonic()
+                await until(lambda: bool(codes("laser-link-cleared")), 10, "never cleared")
+                await until(lambda: states()[-1] == "locking", 5, "not back to locking")
+                return codes("laser-link")[0] - t_down, codes("laser-link-cleared")[0] - t_back
+            finally:
+                consumer.cancel()
+                await asyncio.gather(consumer, return_exceptions=True)
+
+    proc = spawn_node(tmp_path / "alice.toml", tmp_path / "alice.log")
+    try:
+        noticed_s, recovered_s = asyncio.run(drill())
+        assert programmed()  # patterns uploaded again (and checked by CRC), output on
+    finally:
+        stop_node(proc, timeout_s=10)
+        emu.kill()
+    log = [json.loads(line) for line in (tmp_path / "alice.log").read_text().splitlines()]
+    events = [(e.get("event"), e.get("fault")) for e in log]
+    print(f"\nsource gone -> alarm {noticed_s:.2f} s; back -> cleared {recovered_s:.2f} s")
+    assert recovered_s < RECOVERY_S
+    # One line down and one up, not a line per retry; halted, then re-locking.
+    assert events.count(("fault", "laser-link")) == 1, events
+    assert events.count(("fault cleared", "laser-link")) == 1, events
+    assert events.count(("key generation halted", "laser-link")) == 1, events
+    assert ("source's slot clock restarted; re-locking", None) in events
+    reuploaded = [e for e in log if "no longer held the uploaded patterns" in str(e.get("event"))]
+    assert len(reuploaded) == 1 and reuploaded[0]["slot_clock_epoch"] == 1

@@ -28,6 +28,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ from qnoded.mqtt import Subscriber
 pytestmark = pytest.mark.slow
 
 KILLS = 6
+LINK_UP_S = 5.0
 SEED = 20261125
 
 
@@ -66,6 +68,7 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
     kills: list[tuple[str, float]] = []
     material: set[str] = set()  # the keys as delivered (Base64), to look for in the logs
     recoveries: list[float] = []
+    link_up: list[float] = []  # restart -> the restarted node's peer channel up (its log)
 
     async def consume(sub: Subscriber) -> None:
         async for msg in sub:
@@ -95,10 +98,18 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
                 kills.append((victim, round(time.monotonic() - started, 2)))
                 await asyncio.sleep(rng.uniform(0.0, 0.5))
                 accepted[victim] = 0
+                restarted_at = time.time()
                 nodes.start(victim)
                 back = time.monotonic()
                 await until(lambda v=victim: accepted[v] >= 1, 60, f"{victim} made no key again")
                 recoveries.append(round(time.monotonic() - back, 2))
+                ups = [
+                    t
+                    for e in nodes.log(victim)
+                    if e.get("event") == "peer channel up"
+                    and (t := datetime.fromisoformat(e["timestamp"]).timestamp()) > restarted_at
+                ]
+                link_up.append(round(min(ups) - restarted_at, 2))
 
             # A quiet moment between blocks: both nodes have accounted for the same
             # keys, each delivered or (at most once) destroyed undelivered.
@@ -118,10 +129,13 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
 
     result = account(tmp_path, delivered, digests, material)
     print(
-        f"\nkills {kills}\nrecovery_s (restart -> a block accepted at the restarted node) "
-        f"{recoveries}\n{result.figures()}"
+        f"\nkills {kills}\nlink_up_s (restart -> peer channel up at the restarted node, "
+        f"process start included) {link_up}\nrecovery_s (restart -> a block accepted at the "
+        f"restarted node) {recoveries}\n{result.figures()}"
     )
     # Nothing twice, nothing lost, the stores agree, no key in a log: key_accounting.
     assert not result.problems, "\n".join(result.problems)
     assert len(result.stores["alice"].in_state("ready")) >= KILLS  # many blocks, not one
     assert len(kills) == KILLS and {v for v, _ in kills} == {"alice", "bob"}
+    # The link is back within 5 s of the restart; key follows once a block is sifted.
+    assert max(link_up) < LINK_UP_S, link_up

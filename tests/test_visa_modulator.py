@@ -422,7 +422,9 @@ async def test_dropped_connection_then_reopen_after_the_emulator_is_back(
         # end of file, or a reset when that query was still unread on its side.
         with pytest.raises(InstrumentConnectionError, match=r"closed the connection|reset by peer"):
             await laser.set_output(True)
+        epoch = laser.slot_clock_epoch
         assert await laser.ping()  # the instrument is still up: reopened
+        assert laser.slot_clock_epoch == epoch  # with its patterns: the same slot clock
 
         emulator.kill()  # the instrument goes away (a power cycle: state lost)
         with pytest.raises(DeviceError):
@@ -431,7 +433,9 @@ async def test_dropped_connection_then_reopen_after_the_emulator_is_back(
 
         emulator.start()  # back on the same port, empty
         assert emulator.query("PATT:LENG? KEY") == "0"
+        epoch = laser.slot_clock_epoch
         assert await laser.ping()
+        assert laser.slot_clock_epoch == epoch + 1  # its slot clock may have restarted
         # The node's settings are restored: patterns, mode and output.
         for mode, which in ((LaserMode.KEY, "KEY"), (LaserMode.SYNC, "SYNC")):
             assert int(emulator.query(f"PATT:CHEC? {which}")) == laser.pattern_crc32(mode)

@@ -646,6 +646,7 @@ class VisaModulator:
         self._sync: Pattern | None = None
         self._sync_positions = np.empty(0, dtype=np.int64)
         self._readback: _Readback | None = None
+        self._epoch = 0  # sessions that found the patterns gone (power cycles)
         self._executor: ThreadPoolExecutor | None = None
         self._link: ScpiSession | None = None
         o = self.options
@@ -716,11 +717,13 @@ class VisaModulator:
             if self._upload(link, which, pattern)
         ]
         if reloaded and not after_reset:
+            self._epoch += 1  # read on the event loop's thread: one int, under the GIL
             log.warning(
                 "instrument no longer held the uploaded patterns (power-cycled?); "
-                "re-uploaded them. Its slot clock may have restarted: the peer's "
-                "clock lock may be stale",
+                "re-uploaded them. Its slot clock may have restarted: a clock "
+                "model made before is stale",
                 device=self.name,
+                slot_clock_epoch=self._epoch,
                 patterns=reloaded,
             )
         self._apply_mode(link)
@@ -903,6 +906,10 @@ class VisaModulator:
     @property
     def pulse_rate_hz(self) -> float:
         return 1e12 / self.period_ps
+
+    @property
+    def slot_clock_epoch(self) -> int:
+        return self._epoch
 
     @property
     def period_ps(self) -> int:

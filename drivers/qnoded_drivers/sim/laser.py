@@ -55,6 +55,10 @@ class SimLaser(InProcessDevice):
         return 1e12 / self._link.p.period_ps
 
     @property
+    def slot_clock_epoch(self) -> int:
+        return 0  # the simulated slot clock is true time: it never restarts
+
+    @property
     def period_ps(self) -> int:
         return self._link.p.period_ps
 

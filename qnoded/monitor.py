@@ -50,7 +50,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from qnoded.mqtt import MqttSettings, backoff_s
+from qnoded.backoff import backoff_s
+from qnoded.mqtt import BACKOFF_BASE_S, BACKOFF_CAP_S, MqttSettings
 
 TOPIC_ROOT = "qkd/v1"
 LEAVES = ("status", "telemetry", "alarms")
@@ -695,7 +696,7 @@ async def _receive_loop(
         for event in ready:
             event.clear()
         attempt += 1
-        await asyncio.sleep(backoff_s(attempt))
+        await asyncio.sleep(backoff_s(attempt, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S))
 
 
 def check_settings(settings: MqttSettings) -> None:

@@ -37,7 +37,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import random
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Self
 import aiomqtt
 import structlog
 
+from qnoded.backoff import backoff_s
 from qnoded.commands import Incoming
 from qnoded.durable import StorageError
 
@@ -70,7 +70,7 @@ KEY_BATCHES_PER_FLUSH = 4
 PUBLISH_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
 BACKOFF_BASE_S = 0.2
-BACKOFF_CAP_S = 5.0  # small, so a restarted broker sees the node again within seconds
+BACKOFF_CAP_S = 3.0  # a restarted broker hears from the node within 3 s (recovery < 5 s)
 SEVERITIES = ("info", "warning", "critical")
 STATES = ("starting", "locking", "running", "paused", "degraded", "stopped")
 
@@ -120,13 +120,6 @@ class MqttSettings:
 
 def topic(node_id: str, leaf: str) -> str:
     return f"qkd/v1/{node_id}/{leaf}"
-
-
-def backoff_s(
-    attempt: int, *, base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S
-) -> float:
-    """Jittered, capped exponential backoff: uniform(0, min(cap, base * 1.5**attempt))."""
-    return random.uniform(0, min(cap_s, base_s * 1.5 ** min(attempt, 50)))
 
 
 class TelemetryPublisher:
@@ -347,7 +340,7 @@ class TelemetryPublisher:
                 self._telemetry.get_nowait()
                 self.dropped_telemetry += 1
             attempt += 1
-            await asyncio.sleep(backoff_s(attempt))
+            await asyncio.sleep(backoff_s(attempt, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S))
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         """Hand commands to the node's handler; raise MqttError as soon as the

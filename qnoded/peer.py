@@ -64,7 +64,6 @@ import contextlib
 import enum
 import json
 import math
-import random
 import struct
 import time
 from collections import Counter
@@ -76,6 +75,8 @@ from typing import Any, Literal, NamedTuple, Protocol, Self
 import numpy as np
 import numpy.typing as npt
 import structlog
+
+from qnoded.backoff import backoff_s
 
 log = structlog.get_logger("qnoded.peer")
 
@@ -680,13 +681,6 @@ class PeerChannel:
 
 
 # -- the link that keeps a channel up --------------------------------------------
-def backoff_s(
-    attempt: int, *, base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S
-) -> float:
-    """Jittered, capped exponential backoff: uniform(0, min(cap, base * 1.5**attempt))."""
-    return random.uniform(0, min(cap_s, base_s * 1.5 ** min(attempt, 50)))
-
-
 class PeerLink:
     """Keeps one classical channel up: Alice (``listen``) accepts, Bob (``connect``) dials.
 
@@ -906,7 +900,7 @@ class PeerLink:
                     attempt = 0  # a good session: dial again at once
                     continue
             attempt += 1
-            await asyncio.sleep(backoff_s(attempt, cap_s=self.backoff_cap_s))
+            await asyncio.sleep(backoff_s(attempt, base_s=BACKOFF_BASE_S, cap_s=self.backoff_cap_s))
 
     # -- lifecycle ------------------------------------------------------------
     async def __aenter__(self) -> Self:

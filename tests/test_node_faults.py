@@ -490,10 +490,11 @@ def test_broker_outage_keys_go_on_and_status_returns(tmp_path: Path) -> None:
                 watch(addr, "bob", lambda s: bool(s["telemetry"]) and bool(s["status"]), timeout=15)
             )
             recovery_s = time.monotonic() - t0
+            print(f"\nbroker back -> status and telemetry from bob: {recovery_s:.2f} s")
             # Retained status is back (republished on reconnect), within the
-            # backoff cap plus one telemetry interval.
+            # backoff cap (3 s) plus one telemetry interval.
             assert after["status"][-1]["state"] == "running"
-            assert recovery_s < 7
+            assert recovery_s < 5
             tele = after["telemetry"][-1]
             assert tele["sifted_bits"] > sifted_before  # key generation went on
             assert tele["mqtt_dropped_telemetry"] >= 2  # dropped and counted, not queued

@@ -22,6 +22,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_pipeline.py
 	$(BIN)/python bench/bench_daemon.py
 	$(BIN)/python bench/bench_post.py
+	$(BIN)/python bench/bench_keystore.py
 
 # System packages: the broker, a C compiler and Python headers for the cffi
 # build, venv support, and clang with its libFuzzer runtime for the fuzz

@@ -50,7 +50,9 @@ RSS_GROWTH_MAX_PCT = 12.0
 FDS_SPREAD_MAX = 2
 # A batch of KEY_BATCH keys is published at once, each publish a gather task plus
 # asyncio.wait_for's task inside aiomqtt: a telemetry sample taken meanwhile counts
-# 2 * KEY_BATCH more.  Growth shows in the floor, which must not rise.
+# 2 * KEY_BATCH more.  Growth shows in the floor, which must not rise by more than
+# that (a leak of one task per block goes past it within the CI window's 30-odd blocks;
+# the bench soak's hours show slower ones).
 TASKS_SPREAD_MAX = 2 * KEY_BATCH + 2
 # Telemetry waits behind a block's key deliveries on a saturated loop (see the report);
 # it must still come, not stop.
@@ -75,7 +77,9 @@ async def test_soak_holds_memory_files_tasks_and_keys(
         assert health.rss_drift_pct < RSS_GROWTH_MAX_PCT, health
         assert health.fds_spread <= FDS_SPREAD_MAX, health
         assert health.tasks_spread <= TASKS_SPREAD_MAX, health
-        assert health.tasks_floor_moved <= 0, health  # a floor that falls is no leak
+        # A minute holds a few dozen samples, and a half of them may catch no quiet
+        # moment between key batches: the floor may rise by one batch in flight.
+        assert health.tasks_floor_moved <= 2 * KEY_BATCH, health
         assert health.max_gap_s < TELEMETRY_GAP_MAX_S, health
     common, mismatched, _ = result.observed.ledger.compare()
     assert common > 0 and mismatched == 0

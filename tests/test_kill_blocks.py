@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import random
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import pytest
 from key_accounting import account, destroyed
-from test_node_faults import Nodes, _args
+from test_node_faults import Nodes, _args, audit_delivered
 
 from qnoded.mqtt import Subscriber
 
@@ -124,6 +125,17 @@ async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
                 if nodes.procs[role].poll() is None:
                     nodes.stop(role)
             nodes.kill_all()
+            # What a node delivered just before it stopped may still be on its way to
+            # the consumer: wait (up to 10 s) for every key its audit names; what never
+            # comes, the accounting below reports.
+            with contextlib.suppress(TimeoutError):
+                await until(
+                    lambda: all(
+                        set(audit_delivered(nodes, role)) <= set(digests[role]) for role in digests
+                    ),
+                    10,
+                    "delivered keys never reached the consumer",
+                )
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
 

@@ -315,13 +315,15 @@ class _Observer:
             self.unreadable.append(topic)
 
     def _blocks_done(self) -> bool:
-        """``target`` blocks ended at both nodes, the same ones accepted, and every
-        key of the accepted ones delivered by both."""
+        """``target`` blocks ended at both nodes (as many at each), the same ones
+        accepted, and every key of the accepted ones delivered by both."""
         a, b = self.telemetry.get("alice"), self.telemetry.get("bob")
         if a is None or b is None:
             return False
         ended = a["blocks_accepted"] + a["blocks_rejected"]
-        if ended < self.target or b["blocks_accepted"] + b["blocks_rejected"] < self.target:
+        # The same count at both: a block Alice has decided and Bob not yet (her
+        # abort on its way) would be judged without Bob's side if we stopped now.
+        if ended < self.target or b["blocks_accepted"] + b["blocks_rejected"] != ended:
             return False
         if a["blocks_accepted"] != b["blocks_accepted"]:
             return False

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import secrets
 import time
 import uuid
@@ -33,6 +32,7 @@ import structlog
 
 from qnoded import blocks, estimation, kernel, peer
 from qnoded.auth import AuthPool
+from qnoded.backoff import backoff_s
 from qnoded.commands import (
     CommandDesk,
     CommandError,
@@ -92,9 +92,9 @@ PEER_ERRORS = (
 MAX_TAGGER_GAP_PS = 3600 * 10**12
 
 
-def _backoff(attempt: int, cap_s: float = 5.0) -> float:
-    """Jittered, capped exponential backoff (aiomqtt's pattern)."""
-    return random.uniform(0, min(cap_s, 0.1 * 1.5**attempt))
+# The tagger and peer loops' reconnect waits (qnoded.backoff: jittered, capped).
+RETRY_BASE_S = 0.1
+RETRY_CAP_S = 5.0
 
 
 def mqtt_settings(config: NodeConfig) -> MqttSettings:
@@ -391,7 +391,7 @@ class Node:
                 if resumed_after is None and self.validator.last_stop_ps is not None:
                     resumed_after = self.validator.last_stop_ps
                 attempt += 1
-                await asyncio.sleep(_backoff(attempt))
+                await asyncio.sleep(backoff_s(attempt, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S))
 
     def _time_base_check(self, last_stop_ps: int, batch: TagBatch) -> bool:
         """The first batch of a reopened stream: did the tagger's clock go on?
@@ -457,7 +457,7 @@ class Node:
                 if time.monotonic() - channel.opened > 1.0:
                     attempt = 0
                 attempt += 1
-                await asyncio.sleep(_backoff(attempt))
+                await asyncio.sleep(backoff_s(attempt, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S))
 
     async def _session(self, channel: peer.PeerChannel) -> None:
         """One peer session; a failure inside Bob's task group surfaces as itself."""

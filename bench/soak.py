@@ -255,6 +255,9 @@ class Observed:
     rows: list[str] = field(default_factory=list)
     last_row: dict[str, Sample] = field(default_factory=dict)
     end_notes: list[str] = field(default_factory=list)  # what went wrong winding down
+    # Per table row: CPU seconds used so far by Alice, Bob and this harness (with its
+    # consumers), to tell a node that does more work per tag from one that gets less CPU.
+    cpu: list[dict[str, float]] = field(default_factory=list)
     t0: float = 0.0  # time.monotonic() when the nodes were started
     stopping_at: float = 0.0  # seconds after t0 when the end (drain, stop) began
 
@@ -493,7 +496,11 @@ async def _run(
             raise RuntimeError(f"{pair.exited()} exited during the soak{pair.log_tail()}")
         if elapsed >= next_row and all(obs.samples.values()):
             now = {n: obs.samples[n][-1] for n in NODES}
-            obs.rows.append(table_row(now, obs.last_row))
+            cpu = cpu_now(pair) | {"t": elapsed}
+            before = obs.cpu[-1] if obs.cpu else {"t": 0.0}
+            dt = elapsed - before["t"]
+            obs.cpu.append(cpu)
+            obs.rows.append(f"{table_row(now, obs.last_row)} | {cpu_cells(cpu, before, dt)}")
             emit(obs.rows[-1])
             obs.last_row, next_row = now, next_row + settings.every_s
         await asyncio.sleep(0.2)
@@ -579,11 +586,39 @@ async def _drain(saes: Saes) -> bool:
 
 
 # -- the figures --------------------------------------------------------------------------
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+HARNESS = "harness"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (Linux /proc: fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def cpu_now(pair: Pair) -> dict[str, float]:
+    mine = os.times()
+    out = {HARNESS: mine.user + mine.system}
+    for role, proc in pair.procs.items():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            out[role] = cpu_seconds(proc.pid)
+    return out
+
+
+def cpu_cells(now: dict[str, float], before: dict[str, float], dt: float) -> str:
+    """Each process's share of one core over the row's interval, in %."""
+    return " ".join(
+        f"{100 * (now.get(k, 0.0) - before.get(k, 0.0)) / dt:4.0f}" if dt > 0 else "   -"
+        for k in (*NODES, HARNESS)
+    )
+
+
 COLUMNS = "RSS MB  fds tasks    tags/s drop blk ok/rej    keys"
 
 
 def table_header() -> str:
-    return f"{'elapsed':>8} | {'alice: ' + COLUMNS:58} | bob: {COLUMNS}"
+    return f"{'elapsed':>8} | {'alice: ' + COLUMNS:58} | bob: {COLUMNS} | cpu% A    B    H"
 
 
 def table_row(now: dict[str, Sample], before: dict[str, Sample]) -> str:

@@ -10,7 +10,13 @@ simulated Alice that runs the same table.
     python hil/tcp_tagger.py --config bob.toml [--port 0] [--data-port 0]
         [--protocol bb84|bbm92] [--role bob|alice] [--frame-records 4096]
         [--drift-ppm X] [--fault NAME[,ARG][@FRAME]] ...
+    python hil/tcp_tagger.py --config bob.toml --source 127.0.0.1:5025 ...
     python hil/tcp_tagger.py --replay bob.npz|bob.ptu [--port 0] ...
+
+With ``--source`` Bob's (BB84) clicks come from the pulses the modulator
+emulator at that address plays (hil/visa_modulator.py, followed through
+hil/modulator_feed.py), in real time on its slot clock, so a node running the
+``visa-modulator`` driver against it is the Alice that Bob makes key with.
 
 With ``--replay`` it streams a recording instead (what the ``replay-tagger``
 driver would read from it: as fast as the client takes it, then empty batches
@@ -49,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -57,16 +64,18 @@ import sys
 import tomllib
 import zlib
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
+from modulator_feed import ModulatorFeed
 from qnoded_drivers.replay import ReplayTagger
 from qnoded_drivers.sim.detector import SimSNSPD, SimSPAD
-from qnoded_drivers.sim.tagger import SimTimeTagger
+from qnoded_drivers.sim.link import LinkParams
+from qnoded_drivers.sim.tagger import _MARGIN_PS, SimTimeTagger, _Cursor
 from qnoded_drivers.tcp_tagger import (
     FLAG_OVERFLOW,
     GREETING,
@@ -87,6 +96,9 @@ MAX_DELAY_PS = 10**9  # the emulated inputs' delay range, +-1 ms
 ERROR_QUEUE_MAX = 16
 # The protocol promises a frame at least every second; one batch is one or more frames.
 MAX_REALTIME_BATCH_PS = 500_000_000_000
+# --source: clicks are made this far (plus two batches) behind the modulator's
+# now, so that what it played there is known (the feed polls every 10 ms).
+LAG_S = 0.1
 
 
 class ScpiError(Exception):
@@ -354,6 +366,9 @@ class Emulator:
                     await self._send_batch(batch, client)
                     if not self._live(client):
                         break
+            except TimeBaseRestartError as exc:
+                sys.stderr.write(f"tcp_tagger: {exc}; dropping the clients\n")
+                self._abort_all()
             finally:
                 await batches.aclose()
 
@@ -439,6 +454,55 @@ def _channel(text: str, chans: tuple[int, ...]) -> int:
 
 
 # -- building the simulated tagger -----------------------------------------------------------
+class FollowingTagger(SimTimeTagger):
+    """Bob's simulated tagger on the fibre from the modulator emulator (``--source``).
+
+    True time is the modulator's slot clock (slot ``k`` leaves at ``k * period_ps``,
+    see hil/modulator_feed.py), paced by the wall clock.  Every stream starts at
+    the modulator's now less ``lag_s``, and stays that far behind: clicks are made
+    only for slots whose emission the feed already knows.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        options: Mapping[str, Any],
+        context: DriverContext,
+        feed: ModulatorFeed,
+        lag_s: float,
+    ) -> None:
+        super().__init__(name, options, context)
+        self._feed = feed
+        self._lag_ps = int(lag_s * 1e12)
+        self._link.source = feed
+
+    def describe(self) -> Mapping[str, Any]:
+        return {**super().describe(), "follows": f"{self._feed.host}:{self._feed.port}"}
+
+    def _new_cursor(self) -> _Cursor:
+        dur = self._link.p.batch_duration_ps
+        t0 = self._feed.now_slot() * self._feed.period_ps - self._lag_ps
+        start = -(-int(self.to_clock(np.array([t0], np.int64))[0]) // dur) * dur
+        self._link.reset()
+        return _Cursor(start=start, gen_until=self.to_true(start) - dur - _MARGIN_PS)
+
+    async def stream(self) -> AsyncIterator[TagBatch]:
+        """From the modulator's now, on its clock as it is; ends with
+        :class:`TimeBaseRestartError` when that clock is re-anchored."""
+        epoch = self._feed.clock_epoch
+        if self._link.p.pulse_rate_hz != self._feed.freq_hz:
+            self._link.p = dataclasses.replace(self._link.p, pulse_rate_hz=self._feed.freq_hz)
+        self._cursor = None  # the tagger's clock ran on while no one read it
+        async for batch in super().stream():
+            if self._feed.clock_epoch != epoch:
+                why = f"modulator's slot clock re-anchored: {self._feed.clock}"
+                raise TimeBaseRestartError(why)
+            yield batch
+
+
+class TimeBaseRestartError(Exception):
+    """The tagger's time base restarts (``--source``: the modulator's clock changed):
+    its clients are dropped and the next stream begins on the new clock."""
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -450,16 +514,26 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def build_tagger(
-    doc: Mapping[str, Any], protocol: str | None, role: str | None
+    doc: Mapping[str, Any],
+    protocol: str | None,
+    role: str | None,
+    feed: ModulatorFeed | None = None,
 ) -> tuple[SimTimeTagger, list[Any]]:
-    """The simulated tagger and detectors a node with this config would have."""
+    """The simulated tagger and detectors a node with this config would have; with a
+    ``feed``, Bob's BB84 tagger on the fibre from the modulator emulator, at its
+    pulse rate, in real time."""
     node = doc.get("node", {})
+    simulation = dict(doc["simulation"])
+    if feed is not None:
+        simulation |= {"pulse_rate_hz": feed.freq_hz, "realtime": True}
     ctx = DriverContext(
         node_id="tcp-tagger-emulator",
         role=role or node.get("role", "bob"),
         protocol=protocol or node.get("protocol", "bb84"),
-        simulation=dict(doc["simulation"]),
+        simulation=simulation,
     )
+    if feed is not None and (ctx.protocol, ctx.role) != ("bb84", "bob"):
+        raise ValueError("--source: the fibre from Alice's modulator reaches Bob's BB84 tagger")
     rows = {
         name: dict(row) for name, row in doc.get("devices", {}).items() if isinstance(row, dict)
     }
@@ -471,7 +545,12 @@ def build_tagger(
             detectors.append(DETECTORS[driver](name, row, ctx))
         elif driver == "sim-tagger":
             tagger_opts = row
-    tagger = SimTimeTagger("emulated", tagger_opts, ctx)
+    tagger: SimTimeTagger
+    if feed is not None:
+        dur_s = LinkParams.from_mapping(simulation).batch_duration_ps * 1e-12
+        tagger = FollowingTagger("emulated", tagger_opts, ctx, feed, LAG_S + 2 * dur_s)
+    else:
+        tagger = SimTimeTagger("emulated", tagger_opts, ctx)
     if not detectors:
         kind = SimSPAD if ctx.protocol == "bb84" else SimSNSPD
         detectors = [kind(f"det{ch}", {"channel": ch}, ctx) for ch in tagger.channels[:4]]
@@ -481,12 +560,22 @@ def build_tagger(
 async def serve(args: argparse.Namespace) -> int:
     tagger: TimeTagger
     detectors: list[Any] = []
+    feed: ModulatorFeed | None = None
     if args.replay is not None:
         ctx = DriverContext(node_id="tcp-tagger-emulator", role="bob", protocol="bbm92")
         tagger = ReplayTagger("emulated", {"file": args.replay}, ctx)
     else:
         doc = load_config(Path(args.config))
-        tagger, detectors = build_tagger(doc, args.protocol, args.role)
+        if args.source is not None:
+            host, _, port = args.source.rpartition(":")
+            feed = ModulatorFeed(host or "127.0.0.1", int(port))
+            try:
+                await feed.connect_once()
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                raise OSError(
+                    f"--source {args.source}: no modulator emulator there: {exc}"
+                ) from exc
+        tagger, detectors = build_tagger(doc, args.protocol, args.role, feed)
         p = doc["simulation"]
         if p.get("realtime", False) and p.get("batch_duration_ps", 10**10) > MAX_REALTIME_BATCH_PS:
             raise ValueError("realtime batches longer than 0.5 s would break the 1 s heartbeat")
@@ -515,7 +604,10 @@ async def serve(args: argparse.Namespace) -> int:
         for device in [*detectors, tagger]:
             await stack.enter_async_context(device)
         with contextlib.suppress(asyncio.CancelledError):
-            await emulator.run(args.host, args.port, args.data_port, ready)
+            async with asyncio.TaskGroup() as tg:
+                if feed is not None:
+                    tg.create_task(feed.run(), name="modulator-feed")
+                tg.create_task(emulator.run(args.host, args.port, args.data_port, ready))
     return 0
 
 
@@ -524,6 +616,11 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="TOML or JSON with a simulation table")
     source.add_argument("--replay", help="a recording (.npz or .ptu) to stream instead")
+    parser.add_argument(
+        "--source",
+        metavar="HOST:PORT",
+        help="with --config: Bob's clicks from what hil/visa_modulator.py there plays",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="control port (0: any free one)")
     parser.add_argument("--data-port", type=int, default=0, help="data port (0: any free one)")

@@ -35,8 +35,19 @@ connection sends (``EMU:`` commands never trigger it):
 ``EMU:FAULT?`` reports the armed fault.  A pattern longer than the memory
 (``--memory`` slots per pattern) is refused with ``-225,"Out of memory"``.
 
-Emulator-only commands (not part of the instrument): ``EMU:FAULT <name>``,
-``EMU:FAULT?``.
+The slot clock runs from the process's start (a power cycle restarts it) on
+CLOCK_MONOTONIC, so another process on the host can tell which slot plays when.
+A mode switch takes effect at the next wrap of the pattern that plays, an
+output switch at the next slot; ``PATT:SWIT?`` and ``OUTP:SWIT?`` give the slot
+(see the driver's wire protocol).
+
+Emulator-only commands (not part of the instrument, never fire a fault):
+``EMU:FAULT <name>``, ``EMU:FAULT?``; for the emulated fibre of
+``hil/tcp_tagger.py --source``: ``EMU:STAT? [since]`` (JSON: the slot clock's
+anchor in CLOCK_MONOTONIC ns, anchor slot and rate; the slot now; the levels;
+what played from slot ``since`` on, as ``[first slot, mode, output, CRC-32 of
+the pattern]`` changes) and ``EMU:PATT? KEY|SYNC`` (the pattern memory as an
+IEEE 488.2 definite-length block).
 """
 
 from __future__ import annotations
@@ -44,6 +55,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
+import math
 import os
 import re
 import sys
@@ -66,6 +80,7 @@ FAULTS = ("NONE", "DROP", "STALL", "GARBAGE", "ERROR")
 # A mode switch takes effect at the next wrap of the pattern address, so *OPC?
 # after PATT:MODE answers then; capped so that a slow rate cannot hang a test.
 MAX_SWITCH_WAIT_S = 0.25
+MAX_CHANGES = 4096  # the played timeline kept for EMU:STAT?
 
 # Long SCPI mnemonics accepted beside the short forms the driver sends.
 _LONG = {
@@ -94,29 +109,103 @@ class ScpiError(Exception):
         self.entry = f'{code},"{message}"'
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """From slot ``first`` on, the instrument plays the ``mode`` pattern memory, which
+    then holds the pattern of CRC-32 ``crc``, with the output on or off."""
+
+    first: int
+    mode: str
+    output: bool
+    crc: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotClock:
+    """The free-running slot counter: slot ``anchor_slot`` began at ``anchor_ns``
+    (CLOCK_MONOTONIC, which every process on the host shares) and slots follow at
+    ``freq_hz``.  A new rate re-anchors it; a power cycle (a new process) restarts it."""
+
+    anchor_ns: int
+    anchor_slot: int
+    freq_hz: float
+
+    def slot_at(self, t_ns: int) -> int:
+        return self.anchor_slot + math.floor((t_ns - self.anchor_ns) * self.freq_hz / 1e9)
+
+    def now(self) -> int:
+        return self.slot_at(time.monotonic_ns())
+
+    def seconds_at(self, slot: int) -> float:
+        """CLOCK_MONOTONIC seconds at which ``slot`` begins."""
+        return (self.anchor_ns + (slot - self.anchor_slot) * 1e9 / self.freq_hz) / 1e9
+
+
 @dataclass
 class Instrument:
     """The state a real modulator keeps between connections."""
 
     memory_slots: int = DEFAULT_MEMORY_SLOTS
-    freq_hz: float = 1e8
     levels: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LEVELS, 0.0))
     patterns: dict[str, bytes] = field(default_factory=lambda: dict.fromkeys(PATTERNS, b""))
-    mode: str = "SYNC"
+    mode: str = "SYNC"  # selected; it plays from ``mode_since`` (a wrap, maybe still ahead)
     output: bool = False
+    mode_since: int = 0
+    output_since: int = 0
+    clock: SlotClock = field(default_factory=lambda: SlotClock(time.monotonic_ns(), 0, 1e8))
+    # What played when, ascending by first slot, for the emulated fibre
+    # (hil/tcp_tagger.py --source); the oldest fall off.
+    changes: deque[Change] = field(
+        default_factory=lambda: deque([Change(0, "SYNC", False, 0)], maxlen=MAX_CHANGES)
+    )
     errors: deque[str] = field(default_factory=deque)
     fault: str = "NONE"
     garbage_pending: bool = False
     opc_ready_at: float = 0.0
 
+    @property
+    def freq_hz(self) -> float:
+        return self.clock.freq_hz
+
+    def set_rate(self, freq_hz: float) -> None:
+        if freq_hz != self.clock.freq_hz:
+            now_ns = time.monotonic_ns()
+            self.clock = SlotClock(now_ns, self.clock.slot_at(now_ns) + 1, freq_hz)
+
     def reset(self) -> None:
-        """*RST: settings to defaults, pattern memories cleared, output off."""
-        self.freq_hz = 1e8
+        """*RST: settings to defaults, pattern memories cleared, output off (the slot
+        clock runs on, at the default rate)."""
+        self.set_rate(1e8)
         self.levels = dict.fromkeys(LEVELS, 0.0)
         self.patterns = dict.fromkeys(PATTERNS, b"")
-        self.mode = "SYNC"
-        self.output = False
+        self.mode, self.output = "SYNC", False
+        self.mode_since = self.output_since = self.clock.now() + 1
+        self.schedule(self.mode_since, lambda c: Change(c.first, "SYNC", False, 0))
         self.opc_ready_at = 0.0
+
+    def next_wrap(self) -> int:
+        """The first slot of the next period of the pattern that plays now."""
+        now = self.clock.now()
+        length = len(self.patterns[self.mode])
+        return (now // length + 1) * length if length else now + 1
+
+    def schedule(self, first: int, change: Callable[[Change], Change]) -> None:
+        """Apply ``change`` to what plays from slot ``first`` on, including changes
+        already scheduled after it (a mode switch waiting for its wrap)."""
+        before = [c for c in self.changes if c.first < first]
+        after = [change(c) for c in self.changes if c.first >= first]
+        base = before[-1] if before else self.changes[0]
+        if not after or after[0].first != first:
+            after.insert(0, change(dataclasses.replace(base, first=first)))
+        merged: list[Change] = []
+        for c in [*before, *after]:
+            if not merged or (c.mode, c.output, c.crc) != (
+                merged[-1].mode,
+                merged[-1].output,
+                merged[-1].crc,
+            ):
+                merged.append(c)
+        self.changes = deque(merged, maxlen=MAX_CHANGES)
 
     def push_error(self, entry: str) -> None:
         if len(self.errors) >= ERROR_QUEUE_DEPTH:
@@ -182,7 +271,11 @@ def _syst_err(inst: Instrument, arg: str, block: bytes | None) -> str:
 
 def _set_freq(inst: Instrument, arg: str, block: bytes | None) -> None:
     # The synthesiser's resolution is 1 Hz: a driver must read the rate back.
-    inst.freq_hz = float(round(_number(arg, *FREQ_RANGE_HZ)))
+    inst.set_rate(float(round(_number(arg, *FREQ_RANGE_HZ))))
+
+
+def _get_slot(inst: Instrument, arg: str, block: bytes | None) -> str:
+    return str(inst.clock.now())
 
 
 def _get_freq(inst: Instrument, arg: str, block: bytes | None) -> str:
@@ -200,9 +293,9 @@ def _level_handlers(name: str) -> tuple[Handler, Handler]:
     return set_level, get_level
 
 
-def _wait_for_wrap(inst: Instrument, length: int) -> None:
+def _wait_for(inst: Instrument, slot: int) -> None:
     """A pattern switch takes effect when the pattern address wraps; *OPC? waits for it."""
-    inst.opc_ready_at = time.monotonic() + min(length / inst.freq_hz, MAX_SWITCH_WAIT_S)
+    inst.opc_ready_at = min(inst.clock.seconds_at(slot), time.monotonic() + MAX_SWITCH_WAIT_S)
 
 
 def _store_pattern(inst: Instrument, arg: str, block: bytes | None) -> None:
@@ -216,9 +309,12 @@ def _store_pattern(inst: Instrument, arg: str, block: bytes | None) -> None:
     if max(block) > MAX_CODE:
         bad = next(i for i, b in enumerate(block) if b > MAX_CODE)
         raise ScpiError(-224, f"Illegal parameter value;slot {bad} is 0x{block[bad]:02x}")
+    wrap = inst.next_wrap()
     inst.patterns[which] = bytes(block)
+    crc = zlib.crc32(block)
+    inst.schedule(wrap, lambda c: dataclasses.replace(c, crc=crc) if c.mode == which else c)
     if which == inst.mode and inst.output:
-        _wait_for_wrap(inst, len(block))  # replacing the pattern that plays
+        _wait_for(inst, wrap)  # replacing the pattern that plays
 
 
 def _pattern_length(inst: Instrument, arg: str, block: bytes | None) -> str:
@@ -239,8 +335,15 @@ def _set_mode(inst: Instrument, arg: str, block: bytes | None) -> None:
     if not pattern:
         raise ScpiError(-221, f"Settings conflict;no {mode} pattern loaded")
     if mode != inst.mode:
-        _wait_for_wrap(inst, len(pattern))
-    inst.mode = mode
+        wrap = inst.next_wrap()
+        crc = zlib.crc32(pattern)
+        inst.schedule(wrap, lambda c: dataclasses.replace(c, mode=mode, crc=crc))
+        inst.mode, inst.mode_since = mode, wrap
+        _wait_for(inst, wrap)
+
+
+def _mode_switch(inst: Instrument, arg: str, block: bytes | None) -> str:
+    return f"{inst.mode_since},{inst.mode}"
 
 
 def _get_mode(inst: Instrument, arg: str, block: bytes | None) -> str:
@@ -251,7 +354,13 @@ def _set_output(inst: Instrument, arg: str, block: bytes | None) -> None:
     on = _choice(arg, ("ON", "OFF", "1", "0")) in ("ON", "1")
     if on and not inst.patterns[inst.mode]:
         raise ScpiError(-221, f"Settings conflict;no {inst.mode} pattern loaded")
-    inst.output = on
+    if on != inst.output:
+        inst.output, inst.output_since = on, inst.clock.now() + 1
+        inst.schedule(inst.output_since, lambda c: dataclasses.replace(c, output=on))
+
+
+def _output_switch(inst: Instrument, arg: str, block: bytes | None) -> str:
+    return f"{inst.output_since},{int(inst.output)}"
 
 
 def _get_output(inst: Instrument, arg: str, block: bytes | None) -> str:
@@ -266,14 +375,17 @@ COMMANDS: dict[str, Handler] = {
     "SYST:ERR?": _syst_err,
     "SOUR:FREQ": _set_freq,
     "SOUR:FREQ?": _get_freq,
+    "SOUR:SLOT?": _get_slot,
     "PATT:DATA": _store_pattern,
     "PATT:LENG?": _pattern_length,
     "PATT:CHEC?": _pattern_checksum,
     "PATT:MEM?": _pattern_memory,
     "PATT:MODE": _set_mode,
     "PATT:MODE?": _get_mode,
+    "PATT:SWIT?": _mode_switch,
     "OUTP": _set_output,
     "OUTP?": _get_output,
+    "OUTP:SWIT?": _output_switch,
 }
 for _name in LEVELS:
     COMMANDS[f"SOUR:LEV:{_name}"], COMMANDS[f"SOUR:LEV:{_name}?"] = _level_handlers(_name)
@@ -415,6 +527,12 @@ class Server:
     def _emulator_command(self, cmd: str, arg: str) -> bytes | None:
         if cmd == "EMU:FAULT?":
             return self.inst.fault.encode("ascii")
+        if cmd == "EMU:STAT?":
+            return self._played(arg).encode("ascii")
+        if cmd == "EMU:PATT?" and arg.strip().upper() in PATTERNS:
+            data = self.inst.patterns[arg.strip().upper()]
+            size = str(len(data))
+            return f"#{len(size)}{size}".encode("ascii") + data
         if cmd == "EMU:FAULT":
             name = arg.strip().upper()
             if name in FAULTS:
@@ -424,6 +542,29 @@ class Server:
                 return None
         self.inst.push_error('-113,"Undefined header"')
         return None
+
+    def _played(self, arg: str) -> str:
+        """What plays from slot ``since`` (the argument; 0 if none) on, as JSON: the slot
+        clock, the levels, the slot counter now and the changes from the one in
+        effect at ``since``.  For the emulated fibre only (hil/tcp_tagger.py
+        --source): a real instrument has no such query."""
+        inst = self.inst
+        try:
+            since = int(arg) if arg.strip() else 0
+        except ValueError:
+            since = 0
+        changes = list(inst.changes)
+        at = max([i for i, c in enumerate(changes) if c.first <= since], default=0)
+        clock = inst.clock
+        return json.dumps(
+            {
+                "clock": [clock.anchor_ns, clock.anchor_slot, clock.freq_hz],
+                "now": clock.now(),
+                "levels": inst.levels,
+                "changes": [[c.first, c.mode, c.output, c.crc] for c in changes[at:]],
+            },
+            separators=(",", ":"),
+        )
 
 
 async def serve(host: str, port: int, inst: Instrument, verbose: bool) -> None:

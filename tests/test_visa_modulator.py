@@ -26,7 +26,9 @@ from qnoded_drivers.visa_modulator import (
     InstrumentProtocolError,
     InstrumentTimeoutError,
     ModulatorOptions,
+    Played,
     ScpiSession,
+    Timeline,
     VisaModulator,
     make_patterns,
 )
@@ -112,6 +114,29 @@ def modulator(emu: Emulator, **options: Any) -> VisaModulator:
     }
     opts.update(options)
     return VisaModulator("laser0", opts, CTX)
+
+
+async def switch_on(laser: VisaModulator, emu: Emulator) -> int:
+    """Output on; the slot from which it is on, as the instrument says."""
+    await laser.set_output(True)
+    slot, state = emu.query("OUTP:SWIT?").split(",")
+    assert state == "1"
+    return int(slot)
+
+
+async def switch(laser: VisaModulator, emu: Emulator, mode: LaserMode) -> int:
+    """Switch the mode; the slot from which it plays, as the instrument says."""
+    await laser.set_mode(mode)
+    slot, word = emu.query("PATT:SWIT?").split(",")
+    assert word == mode.name
+    return int(slot)
+
+
+def assert_not_key(laser: VisaModulator, first: int, n: int) -> None:
+    """No slot of the range carries the key pattern's choices."""
+    rec = laser.emissions(first, n)
+    assert np.all(rec.intensity == IntensityClass.SYNC), np.bincount(rec.intensity)
+    assert laser.count_classes(first, n)[IntensityClass.SYNC] == n
 
 
 def wire_bytes(basis: Any, bit: Any, intensity: Any) -> bytes:
@@ -268,15 +293,19 @@ async def test_pattern_upload_round_trip(emulator: Emulator) -> None:
         for mode, which in ((LaserMode.KEY, "KEY"), (LaserMode.SYNC, "SYNC")):
             assert emulator.query(f"PATT:LENG? {which}") == str(L)
             assert int(emulator.query(f"PATT:CHEC? {which}")) == laser.pattern_crc32(mode)
-        # What the instrument holds is what choices_at answers from: encode the
-        # driver's view of one period independently and compare checksums.
-        rec = laser.emissions(0, L)
-        held = int(emulator.query("PATT:CHEC? KEY"))
-        assert zlib.crc32(wire_bytes(rec.basis, rec.bit, rec.intensity)) == held
+        # What the instrument holds is what the driver answers from, where it
+        # played: encode the driver's view of one period independently and
+        # compare checksums.
+        on = await switch_on(laser, emulator)
+        k0 = -(-on // L) * L  # a whole period of the sync pattern, output on
         sync = np.full(L, IntensityClass.VACUUM, np.uint8)
-        sync[laser.sync_slots(0, L)] = IntensityClass.SYNC
+        sync[laser.sync_slots(k0, L) - k0] = IntensityClass.SYNC
         zeros = np.zeros(L, np.uint8)
         assert zlib.crc32(wire_bytes(zeros, zeros, sync)) == int(emulator.query("PATT:CHEC? SYNC"))
+        first = await switch(laser, emulator, LaserMode.KEY)
+        rec = laser.emissions(first, L)
+        held = int(emulator.query("PATT:CHEC? KEY"))
+        assert zlib.crc32(wire_bytes(rec.basis, rec.bit, rec.intensity)) == held
         # Settings the instrument reports are the ones the driver reports.
         assert float(emulator.query("SOUR:FREQ?")) == laser.pulse_rate_hz == 1e8
         assert float(emulator.query("SOUR:LEV:SIGN?")) == laser.intensities[IntensityClass.SIGNAL]
@@ -293,15 +322,17 @@ async def test_instrument_rounding_is_read_back(emulator: Emulator) -> None:
 
 @pytest.mark.asyncio
 async def test_mode_switch_waits_for_the_pattern_wrap(emulator: Emulator) -> None:
-    # At 1 MHz a 2^14-slot pattern wraps every 16 ms: *OPC? answers only then.
+    # At 1 MHz a 2^14-slot pattern wraps every 16 ms: the switch takes effect at a
+    # wrap, and set_mode returns (after *OPC?) only once that slot has come.
     async with modulator(emulator, pulse_rate_hz=1e6) as laser:
         assert emulator.query("PATT:MODE?") == "SYNC"
-        t0 = time.monotonic()
-        await laser.set_mode(LaserMode.KEY)
-        assert time.monotonic() - t0 >= 0.015
-        assert emulator.query("PATT:MODE?") == "KEY"
-        await laser.set_mode(LaserMode.SYNC)
-        assert emulator.query("PATT:MODE?") == "SYNC"
+        for mode in (LaserMode.KEY, LaserMode.SYNC):
+            asked = int(emulator.query("SOUR:SLOT?"))
+            first = await switch(laser, emulator, mode)
+            assert int(emulator.query("SOUR:SLOT?")) >= first
+            # The next wrap (3 L: the command may arrive late on a loaded host).
+            assert first % L == 0 and asked < first <= asked + 3 * L
+            assert emulator.query("PATT:MODE?") == mode.name
         assert laser.describe()["mode"] == "sync"
 
 
@@ -318,28 +349,96 @@ async def test_output_on_off_and_off_on_close(emulator: Emulator) -> None:
 
 
 @pytest.mark.asyncio
-async def test_choices_are_the_repeating_pattern(emulator: Emulator) -> None:
-    async with modulator(emulator) as laser:
-        one = laser.emissions(0, L)
-        slots = np.array([0, 1, L - 1, L, 3 * L + 7, 10**12 + 5], dtype=np.int64)
+async def test_choices_follow_what_played(emulator: Emulator) -> None:
+    """Alice's choices are the key pattern's only where the instrument played it:
+    dark before the output went on, the sync pattern until the switch to KEY
+    took effect (at a wrap), the key pattern (periodic) from then, the sync
+    pattern again after switching back."""
+    # At 1 MHz a period of L slots lasts 16 ms: the switches land a wrap later.
+    async with modulator(emulator, pulse_rate_hz=1e6) as laser:
+        now = int(emulator.query("SOUR:SLOT?"))
+        assert_not_key(laser, now - 100, 100)
+        assert laser.sync_slots(now - 100, 100).size == 0  # output off
+        on = await switch_on(laser, emulator)
+        first = await switch(laser, emulator, LaserMode.KEY)
+        assert on < first and first % L == 0
+        assert_not_key(laser, on, first - on)
+        sync_before = laser.sync_slots(on, first - on)
+        assert sync_before.size and np.all(np.diff(sync_before) > 0)
+        assert sync_before.min() >= on and sync_before.max() < first
+        assert laser.sync_slots(first, 3 * L).size == 0  # KEY plays: no sync pulses
+        one = laser.emissions(first, L)
+        slots = np.array([0, 1, L - 1, L, 3 * L + 7, 10**9 + 5], dtype=np.int64) + first
         picked = laser.choices_at(slots)
-        for got, want in ((picked.basis, one.basis), (picked.bit, one.bit)):
-            np.testing.assert_array_equal(got, want[slots % L])
-        np.testing.assert_array_equal(picked.intensity, one.intensity[slots % L])
-        later = laser.emissions(5 * L + 100, 2 * L)
+        for got, want in (
+            (picked.basis, one.basis),
+            (picked.bit, one.bit),
+            (picked.intensity, one.intensity),
+        ):
+            np.testing.assert_array_equal(got, want[(slots - first) % L])
+        later = laser.emissions(first + 5 * L + 100, 2 * L)
         np.testing.assert_array_equal(later.intensity, np.tile(one.intensity, 3)[100 : 100 + 2 * L])
-        # count_classes over ranges that start mid-period and span several periods.
-        for first, n in ((0, L), (123, 3 * L + 456), (L - 1, 2), (7 * L + 9, 0)):
-            rec = laser.emissions(first, n)
+        # count_classes agrees with the emissions, also across the switch.
+        for lo, n in ((first, L), (first + 123, 3 * L + 456), (on - 5, first - on + L + 10)):
+            rec = laser.emissions(lo, n)
             want = np.bincount(rec.intensity, minlength=len(IntensityClass))
-            np.testing.assert_array_equal(laser.count_classes(first, n), want)
-        sync = laser.sync_slots(0, 3 * L)
-        assert np.all(np.diff(sync) > 0)
-        one_period = sync[sync < L]
-        np.testing.assert_array_equal(sync, np.concatenate([one_period + k * L for k in range(3)]))
+            np.testing.assert_array_equal(laser.count_classes(lo, n), want)
+        back = await switch(laser, emulator, LaserMode.SYNC)
+        assert back > first and back % L == 0
+        assert_not_key(laser, back, 2 * L)
+        assert laser.sync_slots(back, L).size == sync_before.size or laser.sync_slots(back, L).size
         np.testing.assert_array_equal(
-            laser.sync_slots(L + 1, L - 1), one_period[one_period > 0] + L
+            laser.emissions(first, back - first).intensity[:L], one.intensity
         )
+
+
+@pytest.mark.asyncio
+async def test_a_switch_that_failed_leaves_the_slots_after_it_unvouched(
+    emulator: Emulator,
+) -> None:
+    """A mode switch the instrument answered with an error may or may not have
+    taken effect: from the slot the driver read before it, nothing is the key
+    pattern's until a switch succeeds, and that stretch stays so afterwards."""
+    async with modulator(emulator, pulse_rate_hz=1e6) as laser:
+        await switch_on(laser, emulator)
+        first = await switch(laser, emulator, LaserMode.KEY)
+        emulator.fault("error")  # the switch runs, then the instrument reports an error
+        with pytest.raises(InstrumentError):
+            await laser.set_mode(LaserMode.SYNC)
+        did = int(emulator.query("PATT:SWIT?").split(",")[0])  # it did switch, there
+        assert emulator.query("PATT:MODE?") == "SYNC"
+        # Where the driver stops vouching: the slot it read before the command.
+        cls = laser.emissions(first, did + 4 * L - first).intensity
+        unvouched = first + int(np.argmax(cls == IntensityClass.SYNC))
+        assert first < unvouched <= did  # the switch that did happen lies beyond it
+        assert np.all(cls[: unvouched - first] != IntensityClass.SYNC)  # key before
+        assert_not_key(laser, unvouched, did + 4 * L - unvouched)  # not vouched for after
+        again = await switch(laser, emulator, LaserMode.KEY)
+        assert again > did
+        assert_not_key(laser, unvouched, again - unvouched)  # and it stays so
+        rec = laser.emissions(again, L)  # the key pattern, as the instrument holds it
+        held = int(emulator.query("PATT:CHEC? KEY"))
+        assert zlib.crc32(wire_bytes(rec.basis, rec.bit, rec.intensity)) == held
+
+
+def test_timeline_steps() -> None:
+    key, sync = LaserMode.KEY, LaserMode.SYNC
+    t = Timeline.build(
+        [(10, sync), (50, key), (90, None), (95, key)], [(0, False), (20, True)], 120
+    )
+    slots = np.array([-5, 0, 15, 20, 49, 50, 89, 90, 94, 95, 119, 120, 10**6])
+    want = [0, 0, 0, 1, 1, 2, 2, 0, 0, 2, 2, 0, 0]  # DARK 0, SYNC 1, KEY 2
+    np.testing.assert_array_equal(t.at(slots), want)
+    assert [(lo, hi, int(s)) for lo, hi, s in t.runs(0, 130)] == [
+        (0, 20, 0),
+        (20, 50, 1),
+        (50, 90, 2),
+        (90, 95, 0),
+        (95, 120, 2),
+        (120, 130, 0),
+    ]
+    assert [(lo, hi, int(s)) for lo, hi, s in t.runs(60, 61)] == [(60, 61, 2)]
+    assert list(Timeline.build([], [], None).runs(0, 5)) == [(0, 5, Played.DARK)]
 
 
 @pytest.mark.asyncio

@@ -50,10 +50,34 @@ termination, every answer with the read termination)::
                                  which pattern plays; takes effect at the next wrap
                                  of the pattern address, so slot k always plays
                                  ``pattern[k mod L]`` of one pattern
-    OUTP ON|OFF / OUTP?          -> "1" / "0"
+    PATT:SWIT?                   -> "<slot>,KEY|SYNC": the slot from which the
+                                 selected pattern plays (ahead of the slot counter
+                                 while a switch waits for its wrap)
+    OUTP ON|OFF / OUTP?          -> "1" / "0"; a switch takes effect at the next slot
+    OUTP:SWIT?                   -> "<slot>,1|0": the slot from which the output is so
+    SOUR:SLOT?                   -> the slot counter now (NR1): slots since the
+                                 instrument's slot clock started (power-on)
 
 Every setting is followed by ``SYST:ERR?`` until the queue is empty; uploads and
-mode switches by ``*OPC?`` first.  An instrument error becomes
+mode switches by ``*OPC?`` first.
+
+What played when.  Slot numbers here are the instrument's slot counter.  Around
+every mode or output switch the driver reads ``SOUR:SLOT?`` before and
+``PATT:SWIT?``/``OUTP:SWIT?`` after, and keeps a timeline: which slots played the
+key pattern, which the sync pattern, which none (output off).  The Laser
+contract's answers follow it: only slots that played the key pattern carry
+Alice's choices; every other slot, and every slot from a switch on whose slot
+the instrument has not yet confirmed (a switch under way, or one that failed),
+is class SYNC (never sifted, never counted for the decoy-state bounds), and
+``sync_slots`` gives bright slots only where the sync pattern played.  So raw key
+sifted just before the switch to KEY took effect is not sifted against the key
+pattern.  This needs the node's clock lock to find the instrument's slot counter,
+not a slot off by whole pattern periods: the offset of Bob's tagger against the
+counter must lie within ``[timing] max_offset_ps`` (on a bench, start the
+tagger's time base from the modulator's start marker), or the lock, which can
+only resolve it modulo ``L * period_ps``, puts the switches whole periods off.
+
+An instrument error becomes
 :class:`InstrumentError` with the instrument's code and message, naming the
 device and the command; a silent instrument :class:`InstrumentTimeoutError`; an
 answer that is not what the protocol allows :class:`InstrumentProtocolError`; a
@@ -89,6 +113,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import math
 import secrets
 import socket
@@ -327,6 +352,80 @@ def make_patterns(opt: ModulatorOptions) -> tuple[Pattern, Pattern]:
     ).astype(np.uint8)
     zeros = np.zeros(n, dtype=np.uint8)
     return key, Pattern(_encode(sync_cls, zeros, zeros))
+
+
+# -- what played when ----------------------------------------------------------------
+class Played(enum.IntEnum):
+    """What the source emitted in a slot, as far as the driver can vouch for it."""
+
+    DARK = 0  # output off, before the driver's first switch, or not known (a switch pending)
+    SYNC = 1  # the sync pattern
+    KEY = 2  # the key pattern
+
+
+MAX_SWITCHES = 1024  # per setting; the node asks about the last minutes at most
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """What the source played from which slot on, in the instrument's slot counter.
+
+    ``starts`` ascend; ``states[i]`` (a :class:`Played`) holds from ``starts[i]``
+    up to the next start; before the first start the source was dark.
+    """
+
+    starts: I64
+    states: U8
+
+    @classmethod
+    def build(
+        cls,
+        modes: list[tuple[int, LaserMode | None]],
+        outputs: list[tuple[int, bool | None]],
+        pending_from: int | None,
+    ) -> Timeline:
+        """From the slots at which the mode and the output changed (each ascending;
+        None: not known from there).  From ``pending_from`` on a switch is under way
+        whose slot the instrument has not told yet.  Whatever is not known is dark,
+        so that nothing there is sifted or counted."""
+        points = sorted({s for s, _ in modes} | {s for s, _ in outputs})
+        starts: list[int] = []
+        states: list[int] = []
+        m = o = -1
+        for slot in points:
+            while m + 1 < len(modes) and modes[m + 1][0] <= slot:
+                m += 1
+            while o + 1 < len(outputs) and outputs[o + 1][0] <= slot:
+                o += 1
+            if pending_from is not None and slot >= pending_from:
+                break
+            state = Played.DARK
+            if m >= 0 and o >= 0 and outputs[o][1] and modes[m][1] is not None:
+                state = Played.KEY if modes[m][1] is LaserMode.KEY else Played.SYNC
+            if not states or states[-1] != state:
+                starts.append(slot)
+                states.append(state)
+        if pending_from is not None and (not states or states[-1] != Played.DARK):
+            starts.append(pending_from)
+            states.append(Played.DARK)
+        return cls(np.array(starts, dtype=np.int64), np.array(states, dtype=np.uint8))
+
+    def at(self, slots: I64) -> U8:
+        i = np.searchsorted(self.starts, slots, side="right") - 1
+        out = np.full(np.shape(slots), Played.DARK, dtype=np.uint8)
+        known = i >= 0
+        out[known] = self.states[i[known]]
+        return out
+
+    def runs(self, first: int, last: int) -> Iterator[tuple[int, int, Played]]:
+        """``[first, last)`` cut where the state changes: ``(lo, hi, state)``."""
+        i = int(np.searchsorted(self.starts, first, side="right")) - 1
+        lo = first
+        while lo < last:
+            state = Played(int(self.states[i])) if i >= 0 else Played.DARK
+            hi = int(self.starts[i + 1]) if i + 1 < len(self.starts) else last
+            yield lo, min(hi, last), state
+            lo, i = min(hi, last), i + 1
 
 
 # -- the VISA session (blocking; runs on the device's I/O thread only) ------------
@@ -569,6 +668,18 @@ class ScpiSession:
             raise self._bad_answer(command, text, answer, " or ".join(allowed))
         return answer.upper()
 
+    def query_switch(self, command: str, text: str, allowed: tuple[str, ...]) -> tuple[int, str]:
+        """``<slot>,<word>``: from which slot a setting plays (``PATT:SWIT?``, ``OUTP:SWIT?``)."""
+        answer = self.query(command, text)
+        slot, _, word = answer.partition(",")
+        try:
+            first = int(slot)
+        except ValueError:
+            first = -1
+        if first < 0 or word.strip().upper() not in allowed:
+            raise self._bad_answer(command, text, answer, f"'<slot>,{'|'.join(allowed)}'")
+        return first, word.strip().upper()
+
     def identify(self) -> str:
         idn = self.query("*IDN?", "*IDN?")
         if len(idn.split(",")) != 4:
@@ -647,6 +758,14 @@ class VisaModulator:
         self._sync_positions = np.empty(0, dtype=np.int64)
         self._readback: _Readback | None = None
         self._epoch = 0  # sessions that found the patterns gone (power cycles)
+        # What played when, from the instrument's answers (written on the I/O
+        # thread; the event loop reads ``_timeline``, replaced whole).
+        # Steps (first slot, value); None: not known from that slot on.
+        self._modes: list[tuple[int, LaserMode | None]] = []
+        self._outputs: list[tuple[int, bool | None]] = []
+        self._pending: dict[str, int] = {}  # setting -> slot from which a switch is under way
+        self._unsure: dict[str, int] = {}  # setting -> slot since which a switch failed
+        self._timeline = Timeline.build([], [], None)
         self._executor: ThreadPoolExecutor | None = None
         self._link: ScpiSession | None = None
         o = self.options
@@ -718,6 +837,7 @@ class VisaModulator:
         ]
         if reloaded and not after_reset:
             self._epoch += 1  # read on the event loop's thread: one int, under the GIL
+            self._forget_timeline()  # its slot counter restarted: old slots mean nothing
             log.warning(
                 "instrument no longer held the uploaded patterns (power-cycled?); "
                 "re-uploaded them. Its slot clock may have restarted: a clock "
@@ -759,21 +879,62 @@ class VisaModulator:
 
     def _apply_mode(self, link: ScpiSession) -> None:
         word = _MODE_WORD[self.mode]
-        link.command(f"PATT:MODE {word}", wait=True)
-        got = link.query_word("PATT:MODE", "PATT:MODE?", ("SYNC", "KEY"))
+        command = f"PATT:MODE {word}"
+        self._switching("mode", link, command)
+        link.command(command, wait=True)
+        first, got = link.query_switch(command, "PATT:SWIT?", ("SYNC", "KEY"))
         if got != word:
             raise InstrumentProtocolError(
-                self.name, self.options.resource, f"PATT:MODE {word}", f"instrument reports {got}"
+                self.name, self.options.resource, command, f"instrument reports {got}"
             )
+        self._switched("mode", first, self.mode)
 
     def _apply_output(self, link: ScpiSession) -> None:
-        word = "ON" if self.output else "OFF"
-        link.command(f"OUTP {word}")
-        got = link.query_word("OUTP", "OUTP?", ("0", "1", "ON", "OFF"))
+        command = f"OUTP {'ON' if self.output else 'OFF'}"
+        self._switching("output", link, command)
+        link.command(command)
+        first, got = link.query_switch(command, "OUTP:SWIT?", ("0", "1", "ON", "OFF"))
         if (got in ("1", "ON")) != self.output:
             raise InstrumentProtocolError(
-                self.name, self.options.resource, f"OUTP {word}", f"instrument reports {got}"
+                self.name, self.options.resource, command, f"instrument reports {got}"
             )
+        self._switched("output", first, self.output)
+
+    # -- the timeline (I/O thread) ------------------------------------------------------
+    def _switching(self, setting: str, link: ScpiSession, command: str) -> None:
+        """Before a switch: from the slot playing now, what plays is uncertain until
+        the instrument tells the slot the switch took effect (a failed switch
+        leaves it so: no key from slots the driver cannot vouch for)."""
+        now = link.query_int(command, "SOUR:SLOT?")
+        if setting in self._pending:  # an earlier switch failed: unknown since then
+            self._unsure.setdefault(setting, self._pending[setting])
+        else:
+            self._pending[setting] = now
+        self._publish_timeline()
+
+    def _switched(self, setting: str, first: int, value: LaserMode | bool) -> None:
+        """The instrument says ``value`` holds from slot ``first``.  Before it, back
+        to where a failed switch of the same setting began, is not known."""
+        steps: list[Any] = self._modes if setting == "mode" else self._outputs
+        self._pending.pop(setting, None)
+        since = self._unsure.pop(setting, first)
+        for slot, v in ((min(since, first), None), (first, value)):
+            while steps and steps[-1][0] >= slot:
+                steps.pop()
+            steps.append((slot, v))
+        del steps[:-MAX_SWITCHES]
+        self._publish_timeline()
+
+    def _forget_timeline(self) -> None:
+        self._modes.clear()
+        self._outputs.clear()
+        self._pending.clear()
+        self._unsure.clear()
+        self._publish_timeline()
+
+    def _publish_timeline(self) -> None:
+        pending = min(self._pending.values(), default=None)
+        self._timeline = Timeline.build(self._modes, self._outputs, pending)
 
     def _ensure_session(self, link: ScpiSession) -> None:
         """Reopen a session a failure closed, and restore the node's settings on it."""
@@ -788,6 +949,7 @@ class VisaModulator:
         log.info("instrument session reopened, settings restored", device=self.name, idn=self.idn)
 
     def _open_job(self, link: ScpiSession) -> None:
+        self._forget_timeline()
         link.open()
         self.idn = link.identify()
         # Start from a known state: stale errors gone, settings and memories at
@@ -960,21 +1122,21 @@ class VisaModulator:
         return pattern
 
     def sync_slots(self, first_slot: int, n_slots: int) -> I64:
-        """Bright slots of the sync pattern in the range, ascending (periodic in L)."""
+        """Bright slots of the sync pattern in the range, where it played, ascending."""
         length = len(self._pattern(LaserMode.SYNC))
-        if n_slots <= 0 or not self._sync_positions.shape[0]:
-            return np.empty(0, dtype=np.int64)
-        last = first_slot + n_slots
-        starts = np.arange(first_slot // length, (last - 1) // length + 1, dtype=np.int64) * length
-        slots = (starts[:, None] + self._sync_positions[None, :]).ravel()
-        return slots[(slots >= first_slot) & (slots < last)]
+        out = [np.empty(0, dtype=np.int64)]
+        if not self._sync_positions.shape[0]:
+            return out[0]
+        for lo, hi, state in self._timeline.runs(first_slot, first_slot + max(0, n_slots)):
+            if state is not Played.SYNC:
+                continue
+            starts = np.arange(lo // length, (hi - 1) // length + 1, dtype=np.int64) * length
+            slots = (starts[:, None] + self._sync_positions[None, :]).ravel()
+            out.append(slots[(slots >= lo) & (slots < hi)])
+        return np.concatenate(out)
 
     def emissions(self, first_slot: int, n_slots: int) -> EmissionRecord:
-        """Alice's choices in the KEY pattern for a run of slots.
-
-        These are what the source emits while in KEY mode; slots emitted in
-        SYNC mode carried the sync pattern (the contract has no mode timeline).
-        """
+        """Alice's choices for a run of slots (see :meth:`choices_at`)."""
         if n_slots < 0:
             raise ValueError(f"{self.name}: n_slots must be >= 0, got {n_slots}")
         idx = np.arange(first_slot, first_slot + n_slots, dtype=np.int64)
@@ -984,15 +1146,33 @@ class VisaModulator:
         )
 
     def choices_at(self, slots: I64) -> EmissionRecord:
+        """The key pattern's choices where it played; every other slot (the sync
+        pattern, output off, a switch not yet confirmed) is class SYNC, basis Z,
+        bit 0: never sifted, never counted as a decoy-state class."""
         p = self._pattern()
-        idx = np.mod(np.asarray(slots, dtype=np.int64), len(p))
-        return EmissionRecord(
-            first_slot=-1, basis=p.basis[idx], bit=p.bit[idx], intensity=p.intensity[idx]
-        )
+        slots = np.asarray(slots, dtype=np.int64)
+        idx = np.mod(slots, len(p))
+        basis, bit, intensity = p.basis[idx], p.bit[idx], p.intensity[idx]
+        other = self._timeline.at(slots) != Played.KEY
+        if np.any(other):
+            basis[other] = bit[other] = 0
+            intensity[other] = IntensityClass.SYNC
+        return EmissionRecord(first_slot=-1, basis=basis, bit=bit, intensity=intensity)
 
     def count_classes(self, first_slot: int, n_slots: int) -> I64:
-        """Pulses of each class in the range: whole periods times the per-period
-        counts, plus the partial period (at most two slices of the pattern)."""
+        """Pulses of each class in the range; slots where the key pattern did not
+        play count as SYNC (see :meth:`choices_at`)."""
+        counts = np.zeros(N_CLASSES, dtype=np.int64)
+        for lo, hi, state in self._timeline.runs(first_slot, first_slot + max(0, n_slots)):
+            if state is Played.KEY:
+                counts += self._key_counts(lo, hi - lo)
+            else:
+                counts[IntensityClass.SYNC] += hi - lo
+        return counts
+
+    def _key_counts(self, first_slot: int, n_slots: int) -> I64:
+        """Pulses of each class of the key pattern: whole periods times the
+        per-period counts, plus the partial period (at most two slices)."""
         p = self._pattern()
         length = len(p)
         periods, rest = divmod(max(0, n_slots), length)

@@ -62,7 +62,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -277,6 +277,20 @@ class LinkParams:
         return out
 
 
+class EmissionSource(Protocol):
+    """Alice's pulses from elsewhere than the seeds: what an instrument played
+    (``hil/modulator_feed.py`` follows the modulator emulator), for Bob's side."""
+
+    @property
+    def mu_max(self) -> float:
+        """The brightest mean photon number any slot may carry."""
+        ...
+
+    def emitted(self, slots: I64) -> tuple[U8, U8, U8, F64]:
+        """Basis, bit, intensity class and mean photon number of each slot."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class DetectorPhysics:
     """What the link needs to know of one detector (a snapshot per chunk)."""
@@ -330,6 +344,8 @@ class SimulatedLink:
         # afterpulses that fall after the chunk that made them, per channel
         self._after: dict[int, I64] = {}
         self._pair_cache: dict[int, tuple[I64, U8, U8, I64]] = {}
+        # BB84: Alice's pulses from an instrument instead of the seeds (a HIL emulator).
+        self.source: EmissionSource | None = None
 
     def reset(self) -> None:
         """Forget the detector state carried between chunks (a new stream)."""
@@ -345,6 +361,8 @@ class SimulatedLink:
 
     def _emitted(self, slots: I64) -> tuple[U8, U8, U8, F64]:
         """Alice's record of each slot, and its mean photon number as emitted."""
+        if self.source is not None:
+            return self.source.emitted(np.asarray(slots, dtype=np.int64))
         p = self.p
         slots = np.asarray(slots, dtype=np.int64)
         h = hash_bits(p.alice_qrng_seed, _CHOICE, slots)
@@ -433,7 +451,8 @@ class SimulatedLink:
             return _empty()
         eff_max = max(d.efficiency for d in detectors.values())
         eta = p.transmittance * eff_max
-        p_max = -math.expm1(-eta * float(self._mu.max()))
+        mu_max = self.source.mu_max if self.source is not None else float(self._mu.max())
+        p_max = -math.expm1(-eta * mu_max)
         if p_max <= 0:
             return _empty()
         n_slots = k1 - k0

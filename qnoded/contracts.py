@@ -179,11 +179,16 @@ class Laser(Device, Protocol):
     async def set_output(self, enabled: bool) -> None: ...
 
     def sync_slots(self, first_slot: int, n_slots: int) -> npt.NDArray[np.int64]:
-        """Slots that are bright in the public sync pattern, ascending."""
+        """Slots that were bright in the public sync pattern (where it played), ascending."""
         ...
 
     def emissions(self, first_slot: int, n_slots: int) -> EmissionRecord:
-        """Alice's choices for slots ``[first_slot, first_slot + n_slots)``."""
+        """Alice's choices for slots ``[first_slot, first_slot + n_slots)``.
+
+        What the source emitted there: a slot that did not carry the key stream
+        (the sync pattern, output off, a mode switch not yet confirmed) is class
+        SYNC, so it is never sifted nor counted for the decoy-state bounds.
+        """
         ...
 
     def choices_at(self, slots: npt.NDArray[np.int64]) -> EmissionRecord:

@@ -48,10 +48,20 @@ class DeviceManager:
         self.devices: dict[str, Device] = {}
         self.kinds: dict[str, DeviceKind] = {}
 
+    @property
+    def needed_kind(self) -> DeviceKind:
+        """The kind of device the node's role and protocol need exactly one of: BB84
+        Alice drives the source, every other node a time tagger."""
+        node = self._config.node
+        if node.protocol == "bb84" and node.role == "alice":
+            return DeviceKind.LASER
+        return DeviceKind.TIME_TAGGER
+
     def check(self) -> None:
-        """Resolve every row's driver without opening anything (for check-config)."""
-        for spec in self._config.devices:
-            self._info(spec.name, spec.driver)
+        """Resolve every row's driver and count the kind the node needs, without
+        opening anything (for check-config, and before `run` connects anywhere)."""
+        kinds = [self._info(spec.name, spec.driver).kind for spec in self._config.devices]
+        self._require_one(self.needed_kind, kinds.count(self.needed_kind))
 
     def _info(self, name: str, driver: str) -> DriverInfo:
         info = self._registry.get(driver)
@@ -115,15 +125,20 @@ class DeviceManager:
     def one(self, kind: DeviceKind, tp: type[T]) -> T:
         """The single device of a kind the protocol needs; a clear error otherwise."""
         found = self._of_kind(kind, tp)
-        if len(found) != 1:
+        self._require_one(kind, len(found))
+        return found[0]
+
+    def _require_one(self, kind: DeviceKind, found: int) -> None:
+        if found != 1:
             raise ConfigError(
                 self._config.source,
                 "[devices]",
                 f"a {self._config.node.role} node running {self._config.node.protocol} needs "
-                f"exactly one {kind} device, found {len(found)}",
-                f"add one [devices.NAME] whose driver is a {kind}",
+                f"exactly one {kind} device, found {found}",
+                f"add one [devices.NAME] whose driver is a {kind}"
+                if not found
+                else f"keep one [devices.NAME] whose driver is a {kind}",
             )
-        return found[0]
 
     def describe(self) -> dict[str, Any]:
         return {name: dict(d.describe()) for name, d in self.devices.items()}

@@ -246,7 +246,7 @@ class Node:
         self.metrics: MetricsExporter | None = None
         self.laser: Laser | None = None
         self.tagger: TimeTagger | None = None
-        if config.node.protocol == "bb84" and self.role == "alice":
+        if devices.needed_kind is DeviceKind.LASER:
             self.laser = devices.one(DeviceKind.LASER, Laser)
         else:
             self.tagger = devices.one(DeviceKind.TIME_TAGGER, TimeTagger)

@@ -113,6 +113,29 @@ def test_cli_check_config(tmp_path: Path) -> None:
     assert "no-such-driver" in res.stderr
 
 
+@pytest.mark.parametrize(
+    ("devices", "found", "fix"),
+    [
+        ('[devices.det]\ndriver = "sim-spad"\n', 0, "add one"),
+        ('[devices.a]\ndriver = "sim-laser"\n[devices.b]\ndriver = "sim-laser"\n', 2, "keep one"),
+    ],
+)
+def test_the_device_the_role_needs_is_checked_before_anything_starts(
+    tmp_path: Path, devices: str, found: int, fix: str
+) -> None:
+    """BB84 Alice needs exactly one laser: check-config says so, and `run` says so and
+    nothing else (it stops before connecting anywhere, so no half-started client
+    complains on the way out)."""
+    path = tmp_path / "alice.toml"
+    path.write_text(GOOD.split("[devices.laser]", maxsplit=1)[0] + devices)
+    want = f"needs exactly one laser device, found {found} (fix: {fix} [devices.NAME]"
+    for args in (("check-config", str(path)), ("run", "--config", str(path))):
+        res = _qnoded(*args)
+        assert res.returncode == 2, res.stderr
+        assert want in res.stderr and str(path) in res.stderr
+        assert res.stderr.count("\n") == 1, res.stderr  # one line: the error
+
+
 def test_cli_drivers_lists_sources() -> None:
     res = _qnoded("drivers")
     assert res.returncode == 0, res.stderr

@@ -42,6 +42,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="",
         help="with --hil-target bench: Bob's node config naming the real devices",
     )
+    group.addoption(
+        "--hil-alice-config",
+        default="",
+        help="with --hil-target bench: Alice's node config naming her real source",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Hardware in the loop: `qnoded run` as systemd runs it, against instruments on the wire.
 
 Bob's node drives a streaming time tagger over TCP and a SCPI detector controller
-on a serial line; Alice runs the simulated source.  Bob runs with
+on a serial line; Alice runs the simulated source, except in the source tests at the
+end, where her node drives the VISA modulator (its emulator, or a bench's).  Bob runs with
 ``NOTIFY_SOCKET`` pointed at a socket this test reads, as under systemd, and what
 an operator would see is read over MQTT.
 

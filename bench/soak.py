@@ -76,6 +76,7 @@ MASTER, SLAVE = "sae-master", "sae-slave"
 KEYS_PER_REQUEST = 8  # each master SAE's enc_keys asks for this many
 STOP_TIMEOUT_S = 15.0  # SIGTERM, then SIGKILL: a node still running after this did not stop
 QUIET_TIMEOUT_S = 60.0  # to wait for a moment both nodes have delivered the same keys
+MAX_SETTLE_S = 900.0  # after the pause, for a delivery backlog to drain
 FLUSH_S = 1.0  # after the nodes stopped, for their last messages to arrive
 COMMAND_TIMEOUT_S = 15.0  # the pause command's answer
 
@@ -260,6 +261,7 @@ class Observed:
     cpu: list[dict[str, float]] = field(default_factory=list)
     t0: float = 0.0  # time.monotonic() when the nodes were started
     stopping_at: float = 0.0  # seconds after t0 when the end (drain, stop) began
+    settled_s: float | None = None  # from the pause until both nodes had settled
 
 
 async def _read(sub: Subscriber, on_message: Callable[[str, str, Any], None]) -> None:
@@ -535,6 +537,10 @@ async def _pause(
         return
     paused_at = time.monotonic() - obs.t0
 
+    def backlog() -> int:
+        """Keys waiting in both stores, as last reported."""
+        return sum(obs.samples[n][-1].stored_keys for n in NODES if obs.samples[n])
+
     def figures() -> tuple[Any, ...] | None:
         if not all(obs.samples.values()):
             return None
@@ -548,16 +554,26 @@ async def _pause(
             return None
         return a.blocks_accepted, a.blocks_rejected
 
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(QUIET_TIMEOUT_S):
-            since, seen = time.monotonic(), figures()
-            while seen is None or time.monotonic() - since < settle_s:
-                await asyncio.sleep(0.5)
-                now = figures()
-                if now != seen or now is None:
-                    since, seen = time.monotonic(), now
+    # Keys still waiting at the pause (a delivery backlog) leave while we wait: give up
+    # only when nothing has moved for QUIET_TIMEOUT_S, or after MAX_SETTLE_S in all.
+    start = time.monotonic()
+    since, seen = start, figures()
+    moved, waiting = start, backlog()
+    while seen is None or time.monotonic() - since < settle_s:
+        now_t = time.monotonic()
+        if now_t - moved > QUIET_TIMEOUT_S or now_t - start > MAX_SETTLE_S:
+            obs.end_notes.append(
+                f"the nodes did not settle after the pause: {waiting} keys still waiting, "
+                f"nothing moved for {now_t - moved:.0f} s ({now_t - start:.0f} s in all)"
+            )
             return
-    obs.end_notes.append(f"the nodes did not settle within {QUIET_TIMEOUT_S:.0f} s of the pause")
+        await asyncio.sleep(0.5)
+        now = figures()
+        if now != seen or now is None:
+            since, seen = time.monotonic(), now
+        if (left := backlog()) != waiting:
+            moved, waiting = time.monotonic(), left
+    obs.settled_s = time.monotonic() - start
 
 
 async def _quiet_moment(ledger: Ledger, workdir: Path) -> bool:
@@ -734,6 +750,13 @@ class SoakResult:
             dropped_telemetry=run[-1].dropped_telemetry,
         )
 
+    def backlog_at_stop(self) -> int:
+        """Keys waiting in both stores at the last sample before the pause."""
+        end = self.observed.stopping_at
+        return sum(
+            next((x.stored_keys for x in reversed(self.samples[n]) if x.t <= end), 0) for n in NODES
+        )
+
     def last(self, node: str) -> Sample | None:
         return self.samples[node][-1] if self.samples[node] else None
 
@@ -799,6 +822,9 @@ class SoakResult:
         common, mismatched, one_sided = self.observed.ledger.compare()
         msgs = [sum(c.values()) for c in self.observed.consumer_messages]
         lines += [
+            "after the pause: settled in "
+            + (f"{o.settled_s:.1f} s" if (o := self.observed).settled_s is not None else "-")
+            + f" (keys waiting at the pause: {self.backlog_at_stop()})",
             "stop (SIGTERM): "
             + ", ".join(f"{n} exit {c} in {t:.2f} s" for n, (c, t) in self.stops.items()),
             f"keys: {common} IDs delivered by both nodes, {mismatched} with different keys, "

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from visa_modulator import LEVELS  # the emulator's level names, in IntensityClass order
 
 from qnoded.backoff import backoff_s
 from qnoded.contracts import IntensityClass
@@ -50,7 +51,6 @@ RETRY_CAP_S = 1.0  # the longest wait before reconnecting to the modulator emula
 TIMEOUT_S = 2.0  # one round trip
 MAX_PATTERNS = 8  # pattern contents kept, by CRC-32 (the driver uploads two per power-on)
 HISTORY_S = 10.0  # how far back the changes are kept (the tagger lags by much less)
-_LEVEL_OF_CLASS = ("SIGN", "DEC", "VAC", "SYNC")  # IntensityClass order
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +176,7 @@ class ModulatorFeed:
             doc: Any = json.loads(line)
             clock = (int(doc["clock"][0]), int(doc["clock"][1]), float(doc["clock"][2]))
             now = int(doc["now"])
-            levels = [float(doc["levels"][name]) for name in _LEVEL_OF_CLASS]
+            levels = [float(doc["levels"][name]) for name in LEVELS]
             changes = [(int(a), str(b), bool(c), int(d)) for a, b, c, d in doc["changes"]]
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise FeedError(f"EMU:STAT? answered {line[:80]!r}: {exc}") from None

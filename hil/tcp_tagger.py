@@ -520,12 +520,12 @@ def build_tagger(
     feed: ModulatorFeed | None = None,
 ) -> tuple[SimTimeTagger, list[Any]]:
     """The simulated tagger and detectors a node with this config would have; with a
-    ``feed``, Bob's BB84 tagger on the fibre from the modulator emulator, at its
-    pulse rate, in real time."""
+    ``feed``, Bob's BB84 tagger on the fibre from the modulator emulator, in real
+    time (at the modulator's pulse rate: each stream takes it, see FollowingTagger)."""
     node = doc.get("node", {})
     simulation = dict(doc["simulation"])
     if feed is not None:
-        simulation |= {"pulse_rate_hz": feed.freq_hz, "realtime": True}
+        simulation["realtime"] = True
     ctx = DriverContext(
         node_id="tcp-tagger-emulator",
         role=role or node.get("role", "bob"),

@@ -74,7 +74,7 @@ ERROR_QUEUE_DEPTH = 16  # SCPI: the last entry becomes -350 when the queue overf
 MAX_CODE = 15  # pattern byte: class << 2 | basis << 1 | bit, class 0..3
 FREQ_RANGE_HZ = (1e3, 1e10)
 LEVEL_RANGE = (0.0, 100.0)  # mean photon number per pulse at the output
-LEVELS = ("SIGN", "DEC", "VAC", "SYNC")
+LEVELS = ("SIGN", "DEC", "VAC", "SYNC")  # one per IntensityClass, in its order
 PATTERNS = ("KEY", "SYNC")
 FAULTS = ("NONE", "DROP", "STALL", "GARBAGE", "ERROR")
 # A mode switch takes effect at the next wrap of the pattern address, so *OPC?
